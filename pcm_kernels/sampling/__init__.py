@@ -1,0 +1,105 @@
+"""Budgeted weighted chunk sampling without replacement (Plackett-Luce via Gumbel-top-k)."""
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .._backend import resolve_backend
+from .._checks import check_int, check_same_device, check_shape, check_tensor
+from .._philox import draw_seed
+from ..phases import Phase, prepare_label_args
+from ..phases import vectorized as phase_vectorized
+from . import vectorized
+
+
+def _check_weights(name: str, weights: torch.Tensor, validate: bool) -> None:
+    if validate and weights.numel() and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+        bad = weights[~(torch.isfinite(weights) & (weights >= 0))][0].item()
+        raise ValueError(f"{name} must be finite and >= 0, found {bad}")
+
+
+def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch.Tensor] = None, *,
+                  generator: Optional[torch.Generator] = None, validate: bool = True) -> torch.Tensor:
+    """Draw up to ``budget`` distinct chunks per trajectory, weighted, without replacement.
+
+    Eligible chunks are ``k < num_chunks[n]`` with ``weights[n, k] > 0``; each row gets
+    ``min(budget, #eligible)`` of them with Plackett-Luce probabilities (repeatedly pick
+    with probability proportional to the remaining weights).
+
+    Args:
+        weights: float [N, C] non-negative finite weights (any float dtype, any strides).
+        budget: chunks to draw per trajectory, >= 1.
+        num_chunks: int [N] valid chunks per trajectory (default C).
+        generator: torch.Generator on the weights' device; same state, same draw.
+        validate: check weights for NaN/inf/negatives. On CUDA this costs one host
+            synchronization; pass False for a sync-free call.
+
+    Returns:
+        int64 [N, budget]: chosen chunk ids ascending, then -1.
+    """
+    check_tensor("weights", weights, ndim=2, floating=True)
+    check_int("budget", budget, minimum=1)
+    N, C = weights.shape
+    if num_chunks is None:
+        num_chunks = torch.full((N,), C, dtype=torch.int64, device=weights.device)
+    else:
+        check_tensor("num_chunks", num_chunks, ndim=1, integer=True)
+        check_shape("num_chunks", num_chunks, (N,), "[N] (weights is [N, C])")
+        check_same_device(weights=weights, num_chunks=num_chunks)
+        num_chunks = num_chunks.to(torch.int64)
+    _check_weights("weights", weights, validate)
+    seed = draw_seed(generator, weights.device)
+    if resolve_backend(weights.device) == "triton" and C > 0:
+        from .kernels import launch_sample_chunks
+
+        out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
+        return launch_sample_chunks(weights, num_chunks, seed, out)
+    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
+    return vectorized.sample(weights, eligible, budget, seed)
+
+
+def _keep_probs_tensor(keep_probs, device) -> torch.Tensor:
+    if not isinstance(keep_probs, torch.Tensor):
+        keep_probs = torch.as_tensor(keep_probs, dtype=torch.float32)
+    check_tensor("keep_probs", keep_probs, ndim=1, floating=True)
+    check_shape("keep_probs", keep_probs, (len(Phase),), "[P] (one per Phase)")
+    if keep_probs.device.type == "cpu":
+        _check_weights("keep_probs", keep_probs, True)
+    return keep_probs.to(device=device, dtype=torch.float32)
+
+
+def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
+                  keep_probs: Union[torch.Tensor, Sequence[float]], budget: int, *,
+                  generator: Optional[torch.Generator] = None, close_above: float = 0.0,
+                  sustain: float = 0.75, grip: float = 0.5, low: float = 0.1, window: int = 3):
+    """Label chunks, weight them by their phase's keep probability and draw ``budget`` per row.
+
+    The path the trainer uses: one kernel launch on CUDA. Same distribution as
+    ``label_phases`` then ``sample_chunks(keep_probs[labels], budget, ...)``, and the same draw
+    for the same generator state.
+
+    Args:
+        gripper: float [N, C, L] executed env-space gripper commands (see ``label_phases``).
+        num_steps: int [N] env steps executed, or None for all.
+        keep_probs: float [5] keep probability per ``Phase`` (a CPU tensor or a sequence is
+            validated for free; a CUDA tensor is used as is).
+        budget: chunks to draw per trajectory, >= 1.
+
+    Returns:
+        ``(labels int8 [N, C], index int64 [N, budget])``.
+    """
+    num_steps = prepare_label_args(gripper, num_steps, close_above, sustain, grip, low, window)
+    check_int("budget", budget, minimum=1)
+    keep = _keep_probs_tensor(keep_probs, gripper.device)
+    N, C, _ = gripper.shape
+    seed = draw_seed(generator, gripper.device)
+    if resolve_backend(gripper.device) == "triton" and C > 0:
+        from .kernels import launch_select_chunks
+
+        labels = torch.empty(N, C, dtype=torch.int8, device=gripper.device)
+        index = torch.empty(N, budget, dtype=torch.int64, device=gripper.device)
+        return launch_select_chunks(gripper, num_steps, keep, seed, labels, index,
+                                    close_above, sustain, grip, low, window)
+    labels = phase_vectorized.label_phases(gripper, num_steps, close_above, sustain, grip, low, window)
+    labeled = labels >= 0
+    weights = torch.where(labeled, keep[labels.long().clamp(min=0)], 0.0)
+    return labels, vectorized.sample(weights, labeled & (weights > 0), budget, seed)

@@ -1,0 +1,22 @@
+"""pcm: Probabilistic Chunk Masking for GRPO fine-tuning of VLA policies."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pcm",
+    version="0.1.0",
+    description="Probabilistic Chunk Masking: fused Triton kernels and a GRPO trainer for VLA policies",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pcm_kernels", "pcm_kernels.*", "pcm_train", "pcm_train.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "train": ["verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scipy"],
+    },
+)
