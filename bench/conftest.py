@@ -1,0 +1,44 @@
+"""Benchmark helpers: each group has one baseline; the summary prints baseline / candidate ratios."""
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="Triton paths are timed on a GPU only (the CPU interpreter is not a speed reference)")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def synced(fn):
+    """Wrap ``fn`` so a CUDA timing includes the kernels it queued."""
+    if not CUDA:
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if not session or not session.benchmarks:
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        groups.setdefault(bench.group, []).append(bench)
+    lines = []
+    for group, benches in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        base = [b for b in benches if b.extra_info.get("role") == "baseline"]
+        if not base:
+            continue
+        base_median = base[0].stats.median
+        for b in benches:
+            if b is base[0]:
+                continue
+            ratio = base_median / b.stats.median
+            lines.append(f"{group}: {b.name} median {b.stats.median * 1e6:,.1f} us, "
+                         f"{ratio:.1f}x faster than {base[0].name} ({base_median * 1e6:,.1f} us)")
+    if lines:
+        terminalreporter.section(f"pcm ratios (device: {torch.cuda.get_device_name() if CUDA else 'CPU'})")
+        for line in lines:
+            terminalreporter.write_line(line)
