@@ -1,0 +1,374 @@
+"""Training configuration: nested dataclasses, command-line overrides, validation.
+
+Every section is a dataclass whose fields carry their types; the override
+parser and the type checks read those annotations, so a new field or section
+needs no parser change. A section may define ``validate(prefix)`` for its
+range rules. The classes also work as OmegaConf structured configs
+(``OmegaConf.structured(PCMTrainConfig)``).
+
+Defaults are the paper's runs (PCM.md §7) on the small CPU policy;
+``preset=paper`` switches to the paper's OpenVLA-OFT setup.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STRATEGIES = ("full", "random", "top_phase", "pcm")
+LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean")
+DTYPES = ("float32", "bfloat16", "float16")
+NUM_PHASES = 5
+
+# Overrides each preset applies before the command line's own.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "paper": (
+        "policy.name=openvla_oft",
+        "policy.dtype=bfloat16",
+        "actor.micro_batch_chunks=4",  # SimpleVLA-RL's trajectory mini-batch
+        "trainer.device=cuda",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or combination that cannot be used."""
+
+
+@dataclass
+class PCMSection:
+    """Chunk masking (PCM.md §2, §4, §5)."""
+
+    strategy: str = "pcm"  # one of STRATEGIES
+    budget: int = 12  # B: chunks kept per trajectory
+    refresh_every: int = 5  # T_rc: steps between keep-probability refreshes
+    p_min: float = 0.1  # floor on a phase's keep weight
+    num_phases: int = NUM_PHASES  # K, fixed by the labeler
+    close_above: float = 0.0  # env gripper command a[6] > this means "close"
+    sustain: float = 0.75  # tau: grip fraction of a grasp-interval chunk
+    grip: float = 0.5  # ACTIVE_GRIP at or above this grip fraction
+    low: float = 0.1  # PRE_GRASP lower bound
+    window: int = 3  # W: chunks before/after a grasp interval
+    importance_weights: bool = False  # unbiased 1/p variant (our addition)
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.strategy", self.strategy, STRATEGIES)
+        _at_least(f"{prefix}.budget", self.budget, 1)
+        _at_least(f"{prefix}.refresh_every", self.refresh_every, 1)
+        _within(f"{prefix}.p_min", self.p_min, 0.0, 1.0, low_open=True)
+        _one_of(f"{prefix}.num_phases", self.num_phases, (NUM_PHASES,))
+        _within(f"{prefix}.close_above", self.close_above, -1.0, 1.0)
+        for name in ("sustain", "grip", "low"):
+            _within(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0)
+        if not self.low <= self.grip <= self.sustain:
+            raise ConfigError(
+                f"{prefix}.low <= {prefix}.grip <= {prefix}.sustain must hold, "
+                f"got {self.low} / {self.grip} / {self.sustain}"
+            )
+        _at_least(f"{prefix}.window", self.window, 0)
+
+
+@dataclass
+class ActorSection:
+    """Optimizer and PPO-clip loss (PCM.md §1, §7)."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.4
+    clip_ratio_c: Optional[float] = None  # verl's dual clip for A < 0; None = off (SimpleVLA-RL)
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ppo_epochs: int = 1
+    temperature: float = 1.6  # rollout and log-prob temperature
+    loss_agg_mode: str = "seq-mean-token-mean"  # one of LOSS_AGG_MODES
+    micro_batch_chunks: int = 16  # chunks per forward/backward micro-batch
+    kl_coef: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _within(f"{prefix}.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, low_open=True, high_open=True)
+        _above(f"{prefix}.clip_ratio_high", self.clip_ratio_high, 0.0)
+        if self.clip_ratio_c is not None:
+            _above(f"{prefix}.clip_ratio_c", self.clip_ratio_c, 1.0)
+        _above(f"{prefix}.lr", self.lr, 0.0)
+        for index, beta in enumerate(self.betas):
+            _within(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True)
+        _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
+        _above(f"{prefix}.grad_clip", self.grad_clip, 0.0)
+        _at_least(f"{prefix}.ppo_epochs", self.ppo_epochs, 1)
+        _above(f"{prefix}.temperature", self.temperature, 0.0)
+        _one_of(f"{prefix}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _at_least(f"{prefix}.micro_batch_chunks", self.micro_batch_chunks, 1)
+        _at_least(f"{prefix}.kl_coef", self.kl_coef, 0.0)
+
+
+@dataclass
+class RolloutSection:
+    """Prompts, groups and the action layout (PCM.md §1, LAYOUT.md)."""
+
+    prompts_per_step: int = 8
+    group_size: int = 10  # G rollouts per prompt
+    action_chunk: int = 8  # L env steps per chunk
+    action_dim: int = 7  # D numbers per step
+    max_chunks: int = 64  # C chunks per trajectory (512 steps)
+    num_steps_wait: int = 10  # no-op env steps after reset
+
+    def validate(self, prefix: str) -> None:
+        _at_least(f"{prefix}.prompts_per_step", self.prompts_per_step, 1)
+        _at_least(f"{prefix}.group_size", self.group_size, 2)
+        _at_least(f"{prefix}.action_chunk", self.action_chunk, 1)
+        _at_least(f"{prefix}.action_dim", self.action_dim, 1)
+        _at_least(f"{prefix}.max_chunks", self.max_chunks, 1)
+        _at_least(f"{prefix}.num_steps_wait", self.num_steps_wait, 0)
+
+
+@dataclass
+class PolicySection:
+    """Which policy to train and how."""
+
+    name: str = "small_vla"
+    path: Optional[str] = None  # checkpoint directory or hub id; None = fresh weights
+    lora_r: int = 32  # 0 = no LoRA adapters
+    lora_alpha: int = 32
+    dtype: str = "float32"  # one of DTYPES
+
+    def validate(self, prefix: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{prefix}.name must not be empty")
+        _at_least(f"{prefix}.lora_r", self.lora_r, 0)
+        _above(f"{prefix}.lora_alpha", self.lora_alpha, 0)
+        _one_of(f"{prefix}.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class TrainerSection:
+    """Loop length, logging cadence, outputs, seeding."""
+
+    total_steps: int = 200
+    val_every: int = 1  # 0 = never
+    save_every: int = 10  # 0 = never
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:<index>"
+
+    def validate(self, prefix: str) -> None:
+        _at_least(f"{prefix}.total_steps", self.total_steps, 1)
+        _at_least(f"{prefix}.val_every", self.val_every, 0)
+        _at_least(f"{prefix}.save_every", self.save_every, 0)
+        if not self.output_dir:
+            raise ConfigError(f"{prefix}.output_dir must not be empty")
+        _at_least(f"{prefix}.seed", self.seed, 0)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"{prefix}.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+
+
+@dataclass
+class PCMTrainConfig:
+    """The whole run. Sections are dataclass fields; scalars at the top level are options."""
+
+    preset: Optional[str] = None  # one of PRESETS, applied by load_config before other overrides
+    pcm: PCMSection = field(default_factory=PCMSection)
+    actor: ActorSection = field(default_factory=ActorSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+
+def load_config(overrides: list[str] | None = None) -> PCMTrainConfig:
+    """Defaults, then the preset named by ``preset=...`` (if any), then the overrides in order.
+
+    overrides: ``"key=value"`` strings, e.g. ``"pcm.budget=8"``, ``"actor.betas=[0.9,0.95]"``,
+    ``"policy.path=null"``, ``"preset=paper"``. Raises ConfigError.
+    """
+    overrides = list(overrides or [])
+    config = PCMTrainConfig()
+    apply_overrides(config, [override for override in overrides if _split_override(override)[0] == "preset"])
+    if config.preset is not None:
+        _one_of("preset", config.preset, tuple(PRESETS))
+        apply_overrides(config, PRESETS[config.preset])
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> None:
+    """Sets each ``"a.b=value"`` in place, parsed by the annotated type of field ``b`` of section ``a``.
+
+    Works on any dataclass tree, so new sections and fields need no change here.
+    Raises ConfigError for a malformed override, an unknown key or an unparsable value.
+    """
+    for override in overrides:
+        _set(config, *_split_override(override))
+
+
+def validate(config: PCMTrainConfig) -> None:
+    """Checks every field's type, then each section's range rules. Raises ConfigError naming the key."""
+    _check_types(config, "")
+    if config.preset is not None:
+        _one_of("preset", config.preset, tuple(PRESETS))
+    for item in dataclasses.fields(config):
+        section = getattr(config, item.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+            section.validate(item.name)
+
+
+def config_to_dict(config: PCMTrainConfig) -> dict[str, Any]:
+    """Nested dict of plain values, one per section, for logs and checkpoints."""
+    return dataclasses.asdict(config)
+
+
+def _all_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config, e.g. ``["preset", "pcm.strategy", ...]``."""
+    keys = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_all_keys(value, f"{prefix}{item.name}."))
+        else:
+            keys.append(prefix + item.name)
+    return keys
+
+
+def _set(config: Any, key: str, text: str) -> None:
+    """Parses ``text`` by the type of the field at dotted ``key`` and sets it. Raises ConfigError."""
+    *sections, name = key.split(".")
+    target = config
+    for section in sections:
+        target = getattr(target, section, None) if dataclasses.is_dataclass(target) else None
+    if not dataclasses.is_dataclass(target) or name not in typing.get_type_hints(type(target)):
+        raise ConfigError(f"unknown config key {key!r}{_suggestion(config, key)}")
+    expected = typing.get_type_hints(type(target))[name]
+    if dataclasses.is_dataclass(expected):
+        raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(expected)[0].name}=...")
+    setattr(target, name, _parse(key, expected, text))
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, equals, value = override.partition("=")
+    if not equals or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key=value or section.key=value")
+    return key.strip(), value.strip()
+
+
+def _suggestion(config: Any, key: str) -> str:
+    keys = _all_keys(config)
+    by_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    close = by_leaf or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+
+
+def _optional_inner(expected: Any) -> Any | None:
+    """X for Optional[X] / X | None, else None."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(expected) if arg is not type(None)]
+        if len(args) == 1 and len(typing.get_args(expected)) == 2:
+            return args[0]
+    return None
+
+
+def _item_types(expected: Any, length: int) -> tuple | None:
+    """Per-item types of a list[X] / tuple[X, ...] / tuple[X, Y] value of ``length`` items; None if it cannot fit."""
+    args = typing.get_args(expected)
+    if typing.get_origin(expected) is list or args[1:] == (Ellipsis,):
+        return (args[0],) * length
+    return args if len(args) == length else None
+
+
+def _is_sequence(expected: Any) -> bool:
+    return typing.get_origin(expected) in (tuple, list)
+
+
+def _type_name(expected: Any, plural: bool = False) -> str:
+    """'an int', 'a list of 2 floats', 'a string or null', ... for error messages."""
+    inner = _optional_inner(expected)
+    if inner is not None:
+        return f"{_type_name(inner, plural)} or null"
+    if _is_sequence(expected):
+        args = typing.get_args(expected)
+        count = "" if typing.get_origin(expected) is list or args[1:] == (Ellipsis,) else f"{len(args)} "
+        return f"a list of {count}{_type_name(args[0], plural=True)}"
+    noun = {int: "int", float: "float", bool: "bool", str: "string"}.get(expected, str(expected))
+    if plural:
+        return noun + "s"
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _parse(key: str, expected: Any, text: str) -> Any:
+    """Converts override text to a value of type ``expected``; ConfigError naming ``key`` if it cannot."""
+    try:
+        return _convert(expected, text)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{key} expects {_type_name(expected)}, got {text!r}") from None
+
+
+def _convert(expected: Any, text: str) -> Any:
+    inner = _optional_inner(expected)
+    if inner is not None:
+        return None if text.lower() in ("none", "null", "~") else _convert(inner, text)
+    if _is_sequence(expected):
+        items = [item.strip() for item in text.strip("[]() ").split(",") if item.strip()]
+        item_types = _item_types(expected, len(items))
+        if item_types is None:
+            raise ValueError(text)
+        return typing.get_origin(expected)(map(_convert, item_types, items))
+    if expected is bool:
+        return {"true": True, "false": False}[text.lower()]
+    if expected is str:
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return text[1:-1] if quoted else text
+    if expected in (int, float):
+        return expected(text)
+    raise TypeError(f"command-line overrides do not support fields of type {expected}")
+
+
+def _matches(expected: Any, value: Any) -> bool:
+    inner = _optional_inner(expected)
+    if inner is not None:
+        return value is None or _matches(inner, value)
+    if _is_sequence(expected):
+        # OmegaConf hands tuples back as lists, so either is accepted.
+        item_types = _item_types(expected, len(value)) if isinstance(value, (tuple, list)) else None
+        return item_types is not None and all(map(_matches, item_types, value))
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _check_types(config: Any, prefix: str) -> None:
+    for name, expected in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, expected):
+                raise ConfigError(f"{prefix}{name} must be a {expected.__name__}, got {type(value).__name__}")
+            _check_types(value, f"{prefix}{name}.")
+        elif not _matches(expected, value):
+            raise ConfigError(f"{prefix}{name} expects {_type_name(expected)}, got {value!r}")
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:  # also rejects NaN
+        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _above(key: str, value: float, low: float) -> None:
+    if not value > low:  # also rejects NaN
+        raise ConfigError(f"{key} must be > {low}, got {value!r}")
+
+
+def _within(key: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    above_low = value > low if low_open else value >= low
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must lie in {interval}, got {value!r}")
