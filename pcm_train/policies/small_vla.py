@@ -1,0 +1,412 @@
+"""A small, randomly initialised VLA shaped like OpenVLA-OFT (see /work/shared/spec/OPENVLA-OFT.md).
+
+Image -> patch encoder (Conv2d patchify + pre-norm ViT blocks) -> 3-layer GELU MLP projector ->
+``LlamaForCausalLM`` whose vocabulary ends with 256 action-bin ids. One chunk is the sequence
+``[BOS, patch embeddings, prompt[1:], action_chunk * action_dim zero embeddings, STOP]`` with fully
+bidirectional attention; the action logits are the LM logits one position before each placeholder,
+restricted to the action ids. Built from the config alone (no downloads), with a byte-level
+tokenizer: PAD = 0, BOS = 1, STOP = 2, byte b -> 3 + b, action bins = the last 256 ids.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+
+from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
+from pcm_train.policies.varlen_attention import ATTENTION_NAME
+
+PAD_ID, BOS_ID, STOP_ID = 0, 1, 2
+BYTE_OFFSET = 3
+TEXT_VOCAB_SIZE = BYTE_OFFSET + 256
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prompt_text(task: str) -> str:
+    """OpenVLA's prompt for a task description."""
+    return f"In: What action should the robot take to {task.lower()}?\nOut:"
+
+
+class SmallVLAConfig(PretrainedConfig):
+    """Sizes of the small VLA. ``vocab_size`` and ``action_token_start`` are derived.
+
+    ``action_q01``/``action_q99``/``action_norm_mask`` (length ``action_dim``) un-normalize the
+    decoded actions as ``dataset_statistics.json`` does; the defaults (-1, 1, all dims but the
+    gripper) leave them in [-1, 1].
+    """
+
+    model_type = "pcm_small_vla"
+
+    image_size: int = 32
+    image_channels: int = 3
+    patch_size: int = 8
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    action_chunk: int = 8
+    action_dim: int = 7
+    action_q01: list[float] | None = None
+    action_q99: list[float] | None = None
+    action_norm_mask: list[bool] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"vision_width ({self.vision_width}) must be a multiple of vision_heads")
+        if self.action_q01 is None:
+            self.action_q01 = [-1.0] * self.action_dim
+        if self.action_q99 is None:
+            self.action_q99 = [1.0] * self.action_dim
+        if self.action_norm_mask is None:
+            self.action_norm_mask = [True] * (self.action_dim - 1) + [False]
+        for name in ("action_q01", "action_q99", "action_norm_mask"):
+            if len(getattr(self, name)) != self.action_dim:
+                raise ValueError(f"{name} must have action_dim={self.action_dim} entries, got {getattr(self, name)}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_action_tokens(self) -> int:
+        return self.action_chunk * self.action_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return TEXT_VOCAB_SIZE + NUM_ACTION_BINS
+
+    @property
+    def action_token_start(self) -> int:
+        return TEXT_VOCAB_SIZE
+
+    def llama_config(self) -> LlamaConfig:
+        """The language model's config: non-causal, with this package's bidirectional attention."""
+        config = LlamaConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            initializer_range=self.initializer_range, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+            eos_token_id=STOP_ID, tie_word_embeddings=False, use_cache=False, is_causal=False,
+        )
+        config._attn_implementation = ATTENTION_NAME
+        return config
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block over patch tokens [N, P, W]."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, p, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, p, w))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class PatchEncoder(nn.Module):
+    """Images [N, C, H, W] -> patch features [N, num_patches, vision_width]."""
+
+    def __init__(self, config: SmallVLAConfig):
+        super().__init__()
+        self.patchify = nn.Conv2d(config.image_channels, config.vision_width, config.patch_size, config.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.vision_width))
+        self.blocks = nn.ModuleList(VisionBlock(config.vision_width, config.vision_heads)
+                                    for _ in range(config.vision_layers))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patchify(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Projector(nn.Module):
+    """OpenVLA's fc1 -> GELU -> fc2 -> GELU -> fc3 (exact-erf GELU): [..., vision_width] -> [..., hidden]."""
+
+    def __init__(self, vision_width: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_width, 4 * vision_width)
+        self.fc2 = nn.Linear(4 * vision_width, hidden_size)
+        self.fc3 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+
+
+def _check_pixels(name: str, pixel_values, rows: int, config: SmallVLAConfig) -> None:
+    expected = (rows, config.image_channels, config.image_size, config.image_size)
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point() \
+            or tuple(pixel_values.shape) != expected:
+        raise ValueError(f"{name} must be a float tensor [N, C, H, W] = {expected}, got "
+                         f"{getattr(pixel_values, 'dtype', type(pixel_values))} "
+                         f"{tuple(getattr(pixel_values, 'shape', ()))}")
+
+
+def _check_int_tensor(name: str, value, ndim: int, described: str) -> None:
+    if not isinstance(value, torch.Tensor) or value.dim() != ndim or value.is_floating_point() \
+            or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor {described}, got "
+                         f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
+
+
+class SmallVLA(PreTrainedModel):
+    """Small OpenVLA-OFT-shaped policy emitting ``action_chunk * action_dim`` action tokens per chunk.
+
+    Fine-tuning: either train all weights, or call ``add_lora`` (LoRA adapters on the language model
+    only; the patch encoder, projector and all base weights frozen). Checkpoints: ``save_pretrained``
+    / ``from_pretrained`` for the full model (merge adapters first with ``merge_lora``), or
+    ``save_lora`` / ``load_lora`` for just the adapters on top of a base checkpoint.
+    """
+
+    config_class = SmallVLAConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: SmallVLAConfig):
+        super().__init__(config)
+        self.patch_encoder = PatchEncoder(config)
+        self.projector = Projector(config.vision_width, config.hidden_size)
+        self.language_model = LlamaForCausalLM(config.llama_config())
+        self.post_init()
+
+    # ----- tokenizer -----
+
+    def encode_prompts(self, tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Byte-tokenize OpenVLA prompts: (input_ids int64 [B, P], attention_mask int64 [B, P]), BOS first,
+        right-padded with PAD, on the model's device."""
+        if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"tasks must be a non-empty list of str, got {tasks!r}")
+        rows = [[BOS_ID] + [BYTE_OFFSET + b for b in prompt_text(t).encode("utf-8")] for t in tasks]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows], device=self.device)
+        attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        return input_ids, attention_mask
+
+    # ----- forward passes -----
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the language model is wrapped in a peft ``PeftModel``."""
+        return hasattr(self.language_model, "get_base_model")
+
+    def _causal_lm(self) -> LlamaForCausalLM:
+        """The Llama model itself (LoRA layers, if added, are injected into it in place)."""
+        return self.language_model.get_base_model() if self.has_lora else self.language_model
+
+    def _assemble(self, prompt_ids, prompt_chunk, prompt_offset, pixel_values, chunk_starts, prompt_lengths, total):
+        """Scatter chunks into a flat sequence [total, hidden]; return it and the action-logit rows [M, A].
+
+        prompt_ids/prompt_chunk/prompt_offset [T]: each real prompt token, its chunk and its index in the
+        chunk's prompt (0 = BOS). chunk_starts/prompt_lengths [M]: where each chunk begins, its prompt length.
+        """
+        cfg = self.config
+        num_patches, num_actions = cfg.num_patches, cfg.num_action_tokens
+        embed = self._causal_lm().get_input_embeddings()
+        patches = self.projector(self.patch_encoder(pixel_values.to(self.dtype)))  # [M, Np, hidden]
+        sequence = patches.new_zeros(total, cfg.hidden_size)
+        # BOS at 0, patches at 1..Np, prompt[1:] after them; placeholders stay zero; STOP last.
+        prompt_pos = chunk_starts[prompt_chunk] + prompt_offset + num_patches * (prompt_offset > 0)
+        sequence[prompt_pos] = embed(prompt_ids).to(sequence.dtype)
+        patch_pos = chunk_starts[:, None] + 1 + torch.arange(num_patches, device=sequence.device)
+        sequence[patch_pos.flatten()] = patches.flatten(0, 1)
+        first_action = chunk_starts + num_patches + prompt_lengths  # first placeholder
+        sequence[first_action + num_actions] = embed.weight[STOP_ID].to(sequence.dtype)
+        logit_rows = first_action[:, None] - 1 + torch.arange(num_actions, device=sequence.device)
+        return sequence, logit_rows
+
+    def _action_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., hidden] -> logits over the 256 action ids [..., 256]."""
+        start = self.config.action_token_start
+        weight = self._causal_lm().get_output_embeddings().weight[start:start + NUM_ACTION_BINS]
+        return hidden @ weight.t()
+
+    def action_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pixel_values: torch.Tensor) -> torch.Tensor:
+        """Padded per-chunk forward. input_ids/attention_mask int [B, P] (right-padded, BOS first),
+        pixel_values float [B, C, H, W] -> action logits float [B, A, 256] (A = action_chunk * action_dim).
+        Independent of the amount of right padding."""
+        _check_int_tensor("input_ids", input_ids, 2, "[B, P]")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+        _check_pixels("pixel_values", pixel_values, input_ids.shape[0], self.config)
+        real = attention_mask.bool()
+        if bool((real[:, 1:] & ~real[:, :-1]).any() | ~real[:, 0].all() | (input_ids[:, 0] != BOS_ID).any()):
+            raise ValueError("input_ids must start with BOS and attention_mask must be right-padded (1s then 0s)")
+
+        batch, width = input_ids.shape
+        cfg = self.config
+        row_len = width + cfg.num_patches + cfg.num_action_tokens + 1
+        prompt_lengths = real.sum(1)
+        prompt_chunk, prompt_offset = real.nonzero(as_tuple=True)
+        chunk_starts = torch.arange(batch, device=input_ids.device) * row_len
+        sequence, logit_rows = self._assemble(input_ids[real], prompt_chunk, prompt_offset, pixel_values,
+                                              chunk_starts, prompt_lengths, batch * row_len)
+        positions = torch.arange(row_len, device=input_ids.device)
+        sequence_mask = positions < (prompt_lengths + cfg.num_patches + cfg.num_action_tokens + 1)[:, None]
+        hidden = self._causal_lm().model(inputs_embeds=sequence.view(batch, row_len, -1),
+                                         attention_mask=sequence_mask.long(),
+                                         position_ids=positions.expand(batch, row_len),
+                                         use_cache=False).last_hidden_state
+        return self._action_head(hidden.flatten(0, 1)[logit_rows])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor) -> torch.Tensor:
+        """Same as ``action_logits`` (so DDP/FSDP wrappers that hook ``forward`` see a call)."""
+        return self.action_logits(input_ids, attention_mask, pixel_values)
+
+    def action_logits_packed(self, prompt_ids: torch.Tensor, prompt_cu_seqlens: torch.Tensor,
+                             pixel_values: torch.Tensor) -> torch.Tensor:
+        """One forward over M packed chunks. prompt_ids int [Tp] (each chunk's unpadded prompt, BOS first,
+        concatenated), prompt_cu_seqlens int32 [M+1] (chunk m's prompt is prompt_ids[cu[m]:cu[m+1]]),
+        pixel_values float [M, C, H, W] -> action logits float [M, A, 256]; equals ``action_logits``."""
+        _check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
+        if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
+                or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
+            raise ValueError("prompt_cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
+                             f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
+                             f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
+        num_chunks = prompt_cu_seqlens.numel() - 1
+        _check_pixels("pixel_values", pixel_values, num_chunks, self.config)
+        bounds = prompt_cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != prompt_ids.numel() or min(lengths) <= 0:
+            raise ValueError(f"prompt_cu_seqlens must start at 0, increase strictly and end at "
+                             f"len(prompt_ids)={prompt_ids.numel()}; got {bounds}")
+        if bool((prompt_ids[prompt_cu_seqlens[:-1].long()] != BOS_ID).any()):
+            raise ValueError("every chunk's prompt in prompt_ids must start with BOS")
+
+        cfg = self.config
+        extra = cfg.num_patches + cfg.num_action_tokens + 1  # tokens each chunk adds to its prompt
+        prompt_lengths = prompt_cu_seqlens.diff().long()
+        seq_cu = (prompt_cu_seqlens + extra * torch.arange(num_chunks + 1, device=prompt_ids.device)).int()
+        total = prompt_ids.numel() + num_chunks * extra
+        max_length = max(lengths) + extra
+        prompt_chunk = torch.repeat_interleave(torch.arange(num_chunks, device=prompt_ids.device), prompt_lengths,
+                                               output_size=prompt_ids.numel())
+        token_index = torch.arange(prompt_ids.numel(), device=prompt_ids.device)
+        prompt_offset = token_index - prompt_cu_seqlens[:-1].long()[prompt_chunk]
+        chunk_starts = seq_cu[:-1].long()
+        sequence, logit_rows = self._assemble(prompt_ids, prompt_chunk, prompt_offset, pixel_values,
+                                              chunk_starts, prompt_lengths, total)
+        sequence_chunk = torch.repeat_interleave(torch.arange(num_chunks, device=prompt_ids.device),
+                                                 prompt_lengths + extra, output_size=total)
+        positions = torch.arange(total, device=prompt_ids.device) - chunk_starts[sequence_chunk]
+        hidden = self._causal_lm().model(inputs_embeds=sequence.unsqueeze(0), position_ids=positions.unsqueeze(0),
+                                         use_cache=False, cu_seq_lens_q=seq_cu, cu_seq_lens_k=seq_cu,
+                                         max_length_q=max_length, max_length_k=max_length).last_hidden_state
+        return self._action_head(hidden[0][logit_rows])
+
+    # ----- log-probs and acting -----
+
+    def log_probs(self, logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-token log-probs: logits float [*, A, 256], responses int action token ids [*, A],
+        temperature > 0 -> float [*, A] = log_softmax(logits / temperature) at responses - action_token_start."""
+        expected = (self.config.num_action_tokens, NUM_ACTION_BINS)
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or tuple(logits.shape[-2:]) != expected:
+            raise ValueError(f"logits must be [*, A, 256] with (A, 256) = {expected}, "
+                             f"got {tuple(getattr(logits, 'shape', ()))}")
+        _check_int_tensor("responses", responses, logits.dim() - 1, f"{tuple(logits.shape[:-1])}")
+        if responses.shape != logits.shape[:-1]:
+            raise ValueError(f"responses must have shape {tuple(logits.shape[:-1])}, got {tuple(responses.shape)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        bins = responses.long() - self.config.action_token_start
+        if bool(((bins < 0) | (bins >= NUM_ACTION_BINS)).any()):
+            raise ValueError("responses must be action token ids in "
+                             f"[{self.config.action_token_start}, {self.config.vocab_size})")
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def act(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
+            temperature: float = 1.6, greedy: bool = False,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Sample (or argmax) one action chunk per row. Inputs as ``action_logits``. Returns
+        responses int64 [B, A] token ids, log_probs float32 [B, A] (at ``temperature``, also when greedy),
+        normalized_actions float32 [B, action_chunk, action_dim] in [-1, 1] and env_actions (same shape:
+        un-normalized with the config's q01/q99/mask, gripper = last dim mapped to the env's +1 close / -1 open)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        cfg = self.config
+        logits = self.action_logits(input_ids, attention_mask, pixel_values).float()
+        if greedy:
+            bins = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            bins = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
+        responses = bins + cfg.action_token_start
+        normalized = tokens_to_normalized(responses, cfg.action_token_start).view(-1, cfg.action_chunk, cfg.action_dim)
+        env_actions = unnormalize(normalized, torch.tensor(cfg.action_q01, device=normalized.device),
+                                  torch.tensor(cfg.action_q99, device=normalized.device),
+                                  torch.tensor(cfg.action_norm_mask, device=normalized.device))
+        env_actions[..., -1] = gripper_to_env(normalized[..., -1])
+        return {"responses": responses, "log_probs": self.log_probs(logits, responses, temperature),
+                "normalized_actions": normalized, "env_actions": env_actions}
+
+    # ----- LoRA -----
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0,
+                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES) -> None:
+        """Wrap the language model in a peft ``PeftModel`` with LoRA on ``target_modules`` and freeze every
+        other weight (patch encoder, projector, Llama base weights). ``lm_head`` cannot be a target: the
+        action head slices its weight directly."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_lora:
+            raise ValueError("add_lora: the language model already has LoRA adapters")
+        if not isinstance(r, int) or r <= 0 or not alpha > 0 or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"add_lora needs r > 0 (int), alpha > 0, 0 <= dropout < 1; got {r}, {alpha}, {dropout}")
+        if not target_modules or "lm_head" in target_modules:
+            raise ValueError(f"target_modules must be non-empty and exclude 'lm_head', got {target_modules}")
+        self.requires_grad_(False)
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+        self.language_model = get_peft_model(self.language_model, lora)
+
+    def save_lora(self, path: str) -> None:
+        """Write the LoRA adapters (peft ``adapter_config.json`` + ``adapter_model.safetensors``) to ``path``."""
+        if not self.has_lora:
+            raise ValueError("save_lora: no LoRA adapters; call add_lora or load_lora first")
+        self.language_model.save_pretrained(path)
+
+    def load_lora(self, path: str, trainable: bool = False) -> None:
+        """Attach adapters saved by ``save_lora`` to this (base) model; ``trainable`` keeps them trainable,
+        with every other weight frozen as in ``add_lora``."""
+        from peft import PeftModel
+
+        if self.has_lora:
+            raise ValueError("load_lora: the language model already has LoRA adapters")
+        self.requires_grad_(False)
+        self.language_model = PeftModel.from_pretrained(self.language_model, path, is_trainable=trainable)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the Llama weights and drop the peft wrapper (then ``save_pretrained``
+        writes a plain checkpoint). Trainability flags are left as they are."""
+        if not self.has_lora:
+            raise ValueError("merge_lora: no LoRA adapters to merge")
+        self.language_model = self.language_model.merge_and_unload()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, refused while LoRA adapters are attached: their peft key
+        names would not load back into a plain ``SmallVLA`` (use ``save_lora`` or ``merge_lora`` first)."""
+        if self.has_lora:
+            raise ValueError("save_pretrained: LoRA adapters attached; call save_lora(path) or merge_lora() first")
+        return super().save_pretrained(save_directory, *args, **kwargs)

@@ -1,0 +1,125 @@
+"""Non-causal attention for transformers' Llama: padded batches and packed (varlen) chunks.
+
+Importing this module registers ``ATTENTION_NAME`` with transformers' ``AttentionInterface``
+(the attention function) and ``AttentionMaskInterface`` (mask construction, reusing the SDPA
+boolean mask builder). A ``LlamaModel`` whose config has ``_attn_implementation = ATTENTION_NAME``
+and ``is_causal = False`` then attends bidirectionally:
+
+* padded batch ``[B, L]`` with a 2D padding mask: transformers builds a bidirectional boolean
+  mask (``create_bidirectional_mask``) and ``bidirectional_attention`` runs SDPA with it;
+* packed sequences ``[1, total]``: pass ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 [M+1]) and
+  ``max_length_q``/``max_length_k`` (int) as keyword arguments of the model call (transformers
+  forwards them to every attention layer) and no attention mask; each chunk attends only to itself.
+"""
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+ATTENTION_NAME = "pcm_bidirectional"
+
+
+def _check_packed_shapes(query, key, value, cu_seqlens):
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        raise ValueError("query, key, value must be [total, heads, head_dim]; got shapes "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2]:
+        raise ValueError(f"key and value must be [total, kv_heads, head_dim] matching query {tuple(query.shape)}; "
+                         f"got {tuple(key.shape)} and {tuple(value.shape)}")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads ({key.shape[1]})")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Value check (one device sync): cu_seqlens int32 [M+1] starts at 0, increases strictly, ends at
+    ``total``, and ``max_seqlen`` is its longest chunk. Raises ValueError naming the argument."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) <= 0:
+        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at total={total}; got {bounds}")
+    if max_seqlen != max(lengths):
+        raise ValueError(f"max_seqlen must be the longest chunk ({max(lengths)}), got {max_seqlen}")
+
+
+def varlen_bidirectional_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   cu_seqlens: torch.Tensor, max_seqlen: int, *, scale: float | None = None,
+                                   dropout: float = 0.0) -> torch.Tensor:
+    """Block-diagonal, non-causal attention over packed chunks.
+
+    query [total, heads, d], key/value [total, kv_heads, d] (float, heads a multiple of kv_heads),
+    cu_seqlens int32 [M+1] (chunk m is rows cu_seqlens[m]:cu_seqlens[m+1]), max_seqlen int = longest
+    chunk. Returns [total, heads, d] in query's dtype, equal to attending within each chunk separately.
+
+    Uses ``flash_attn_varlen_func(causal=False)`` for fp16/bf16 CUDA tensors when flash-attn is
+    installed; otherwise scatters the chunks into a padded [M, heads, max_seqlen, d] batch and runs
+    SDPA with a key-padding mask.
+    """
+    _check_packed_shapes(query, key, value, cu_seqlens)
+    check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen)
+    return _packed_attention(query, key, value, cu_seqlens, max_seqlen, scale, dropout)
+
+
+def _packed_attention(query, key, value, cu_seqlens, max_seqlen, scale, dropout):
+    if flash_attn_varlen_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_varlen_func(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      dropout_p=dropout, softmax_scale=scale, causal=False)
+
+    total, num_chunks = query.shape[0], cu_seqlens.numel() - 1
+    lengths = cu_seqlens.diff()
+    chunk = torch.repeat_interleave(torch.arange(num_chunks, device=query.device), lengths, output_size=total)
+    offset = torch.arange(total, device=query.device) - cu_seqlens[:-1].long()[chunk]
+
+    def to_padded(packed: torch.Tensor) -> torch.Tensor:
+        padded = packed.new_zeros(num_chunks, max_seqlen, *packed.shape[1:])
+        return padded.index_put((chunk, offset), packed).transpose(1, 2)  # [M, heads, max_len, d]
+
+    key_is_real = torch.arange(max_seqlen, device=query.device) < lengths[:, None]  # [M, max_len]
+    out = F.scaled_dot_product_attention(
+        to_padded(query), to_padded(key), to_padded(value), attn_mask=key_is_real[:, None, None, :],
+        dropout_p=dropout, scale=scale, is_causal=False, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)[chunk, offset]
+
+
+def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
+                            max_length_q: int | None = None, max_length_k: int | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface`` signature), never causal.
+
+    query [B, heads, L, d], key/value [B, kv_heads, L, d]; ``attention_mask`` None or bool
+    [B, 1, L, L] (True = attend). With ``cu_seq_lens_q`` the batch must be one packed row
+    (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
+    (this runs once per layer), the caller checks the values once with ``check_cu_seqlens``.
+    Returns ([B, L, heads, d], None).
+    """
+    if cu_seq_lens_q is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, is_causal=False,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2), None
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError("packed attention (cu_seq_lens_q given) needs batch size 1 and no attention_mask; got "
+                         f"batch {query.shape[0]}, attention_mask {'set' if attention_mask is not None else 'None'}")
+    if (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)) or \
+            (max_length_k is not None and max_length_k != max_length_q):
+        raise ValueError("cu_seq_lens_k/max_length_k must equal cu_seq_lens_q/max_length_q (self-attention)")
+    if max_length_q is None:
+        raise ValueError("max_length_q (int, longest chunk) is required with cu_seq_lens_q")
+    packed = [t[0].transpose(0, 1) for t in (query, key, value)]
+    _check_packed_shapes(*packed, cu_seq_lens_q)
+    out = _packed_attention(*packed, cu_seq_lens_q, max_length_q, scaling, dropout)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, bidirectional_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
