@@ -29,7 +29,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "paper": (
         "policy.name=openvla_oft",
         "policy.dtype=bfloat16",
-        "actor.micro_batch_chunks=4",  # SimpleVLA-RL's trajectory mini-batch
         "trainer.device=cuda",
     ),
 }
@@ -53,7 +52,6 @@ class PCMSection:
     grip: float = 0.5  # ACTIVE_GRIP at or above this grip fraction
     low: float = 0.1  # PRE_GRASP lower bound
     window: int = 3  # W: chunks before/after a grasp interval
-    importance_weights: bool = False  # unbiased 1/p variant (our addition)
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.strategy", self.strategy, STRATEGIES)
@@ -86,7 +84,8 @@ class ActorSection:
     ppo_epochs: int = 1
     temperature: float = 1.6  # rollout and log-prob temperature
     loss_agg_mode: str = "seq-mean-token-mean"  # one of LOSS_AGG_MODES
-    micro_batch_chunks: int = 16  # chunks per forward/backward micro-batch
+    micro_batch_trajectories: int = 1  # trajectories (all their kept chunks) per forward/backward
+    gradient_checkpointing: bool = False  # recompute decoder activations in backward
     kl_coef: float = 0.0
 
     def validate(self, prefix: str) -> None:
@@ -102,7 +101,7 @@ class ActorSection:
         _at_least(f"{prefix}.ppo_epochs", self.ppo_epochs, 1)
         _above(f"{prefix}.temperature", self.temperature, 0.0)
         _one_of(f"{prefix}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        _at_least(f"{prefix}.micro_batch_chunks", self.micro_batch_chunks, 1)
+        _at_least(f"{prefix}.micro_batch_trajectories", self.micro_batch_trajectories, 1)
         _at_least(f"{prefix}.kl_coef", self.kl_coef, 0.0)
 
 

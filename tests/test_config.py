@@ -11,12 +11,12 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "preset": None,
     "pcm": {
         "strategy": "pcm", "budget": 12, "refresh_every": 5, "p_min": 0.1, "num_phases": 5,
-        "close_above": 0.0, "sustain": 0.75, "grip": 0.5, "low": 0.1, "window": 3, "importance_weights": False,
+        "close_above": 0.0, "sustain": 0.75, "grip": 0.5, "low": 0.1, "window": 3,
     },
     "actor": {
         "clip_ratio_low": 0.2, "clip_ratio_high": 0.4, "clip_ratio_c": None, "lr": 1e-5, "betas": (0.9, 0.999),
         "weight_decay": 0.0, "grad_clip": 2.0, "ppo_epochs": 1, "temperature": 1.6,
-        "loss_agg_mode": "seq-mean-token-mean", "micro_batch_chunks": 16, "kl_coef": 0.0,
+        "loss_agg_mode": "seq-mean-token-mean", "micro_batch_trajectories": 1, "gradient_checkpointing": False, "kl_coef": 0.0,
     },
     "rollout": {
         "prompts_per_step": 8, "group_size": 10, "action_chunk": 8, "action_dim": 7, "max_chunks": 64,
@@ -42,8 +42,8 @@ def test_defaults_match_paper():
         ("pcm.p_min=0.25", "pcm", "p_min", 0.25),
         ("actor.lr=3e-6", "actor", "lr", 3e-6),
         ("actor.weight_decay=1", "actor", "weight_decay", 1.0),
-        ("pcm.importance_weights=true", "pcm", "importance_weights", True),
-        ("pcm.importance_weights=False", "pcm", "importance_weights", False),
+        ("actor.gradient_checkpointing=true", "actor", "gradient_checkpointing", True),
+        ("actor.gradient_checkpointing=False", "actor", "gradient_checkpointing", False),
         ("pcm.strategy=top_phase", "pcm", "strategy", "top_phase"),
         ("trainer.output_dir='runs/a b'", "trainer", "output_dir", "runs/a b"),
         ("trainer.output_dir=runs/x=1", "trainer", "output_dir", "runs/x=1"),
@@ -69,7 +69,7 @@ def test_paper_preset_sets_openvla_and_yields_to_explicit_overrides():
     config = load_config(["preset=paper"])
     assert config.preset == "paper"
     assert (config.policy.name, config.policy.dtype) == ("openvla_oft", "bfloat16")
-    assert config.actor.micro_batch_chunks == 4 and config.trainer.device == "cuda"
+    assert config.trainer.device == "cuda"
     assert config.pcm == load_config().pcm and config.rollout == load_config().rollout  # paper numbers already
     assert load_config(["policy.dtype=float32", "preset=paper"]).policy.dtype == "float32"
 
@@ -93,7 +93,7 @@ def test_unknown_keys_suggest_the_right_one():
         ("pcm.budget=abc", "pcm.budget expects an int, got 'abc'"),
         ("pcm.budget=1.5", "pcm.budget expects an int"),
         ("actor.lr=fast", "actor.lr expects a float"),
-        ("pcm.importance_weights=yes", "pcm.importance_weights expects a bool"),
+        ("actor.gradient_checkpointing=yes", "actor.gradient_checkpointing expects a bool"),
         ("actor.betas=[0.9]", "actor.betas expects a list of 2 floats"),
         ("actor.betas=[0.9,x]", "actor.betas expects a list of 2 floats"),
         ("actor.clip_ratio_c=high", "actor.clip_ratio_c expects a float or null"),
@@ -136,7 +136,7 @@ def test_malformed_overrides(override, message):
         ("actor.ppo_epochs=0", "actor.ppo_epochs"),
         ("actor.temperature=0", "actor.temperature"),
         ("actor.loss_agg_mode=seq-mean-token-sum", "actor.loss_agg_mode"),
-        ("actor.micro_batch_chunks=0", "actor.micro_batch_chunks"),
+        ("actor.micro_batch_trajectories=0", "actor.micro_batch_trajectories"),
         ("actor.kl_coef=-1", "actor.kl_coef"),
         ("rollout.prompts_per_step=0", "rollout.prompts_per_step"),
         ("rollout.group_size=1", "rollout.group_size"),
@@ -179,8 +179,8 @@ def test_validate_checks_programmatic_configs():
     with pytest.raises(ConfigError, match="pcm.budget expects an int, got '12'"):
         validate(config)
     config = PCMTrainConfig()
-    config.pcm.importance_weights = 1
-    with pytest.raises(ConfigError, match="pcm.importance_weights expects a bool"):
+    config.actor.gradient_checkpointing = 1
+    with pytest.raises(ConfigError, match="actor.gradient_checkpointing expects a bool"):
         validate(config)
     config = PCMTrainConfig()
     config.actor.lr = math.nan

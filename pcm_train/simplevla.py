@@ -1,0 +1,40 @@
+"""Drop-in for SimpleVLA-RL / verl actors: shrink a rollout batch to the chunks PCM keeps.
+
+``pcm_shrink_batch`` takes SimpleVLA-RL's training batch (LAYOUT.md) and a
+``PCMController`` and returns the kept chunks as rows, with everything the loss
+needs. ``docs/simplevla_rl.md`` shows the change to ``update_policy``.
+"""
+from __future__ import annotations
+
+from verl import DataProto
+
+from pcm_train.batch import check_rollout_batch, executed_actions, group_ids, shrink_batch
+from pcm_train.controller import PCMController, Selection
+
+OPENVLA_ACTION_TOKEN_START = 31744  # the last 256 ids of OpenVLA's 32000-token vocabulary
+
+
+def pcm_shrink_batch(batch: DataProto, controller: PCMController, *,
+                     action_token_start: int = OPENVLA_ACTION_TOKEN_START, action_chunk: int = 8,
+                     action_dim: int = 7) -> tuple[DataProto, Selection]:
+    """Label, score and select chunks of ``batch``, then keep only those.
+
+    ``batch`` holds ``responses`` [N, C, L*D], ``input_ids``/``attention_mask`` [N, C, P],
+    ``pixel_values`` [N, C, ...], ``finish_step`` [N], ``complete`` [N], ``old_log_probs`` and
+    ``advantages`` [N, C*L*D] and ``uid`` in ``non_tensor_batch``. The gripper signal and the
+    executed actions are decoded from ``responses`` (dim 6 is the gripper).
+
+    Returns ``(kept, selection)``: ``kept`` is ``shrink_batch``'s DataProto of M chunk rows
+    (``input_ids``, ``attention_mask``, ``pixel_values``, ``responses``, ``response_mask``,
+    ``old_log_probs``, ``advantages``, ``traj_index``; ``meta_info["traj_token_counts"]`` and
+    ``["num_traj"]`` normalize the seq-mean-token-mean loss); ``selection`` has the labels,
+    index, scores, keep probabilities and per-step metrics.
+    """
+    check_rollout_batch(batch, action_chunk=action_chunk, action_dim=action_dim)
+    normalized, gripper = executed_actions(batch.batch["responses"], action_token_start=action_token_start,
+                                           action_chunk=action_chunk, action_dim=action_dim)
+    groups = group_ids(batch.non_tensor_batch["uid"]).to(gripper.device)
+    selection = controller.step(gripper, batch.batch["finish_step"], normalized, batch.batch["complete"].bool(),
+                                groups)
+    kept = shrink_batch(batch, selection.index, action_chunk=action_chunk, action_dim=action_dim)
+    return kept, selection
