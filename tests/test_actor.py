@@ -1,0 +1,176 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from verl import DataProto
+
+from pcm_train import compare_update
+from pcm_train.actor import accumulate_gradients, make_optimizer, update_actor
+from pcm_train.batch import shrink_batch
+from pcm_train.config import load_config
+from pcm_train.controller import PCMController
+from pcm_train.grpo import policy_loss, token_mask
+from pcm_train.policies import SmallVLA, SmallVLAConfig
+from pcm_train.simplevla import pcm_shrink_batch
+from pcm_train.synthetic import synthetic_rollout_batch
+
+C = 8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   image_size=16, vision_width=32, vision_layers=1, vision_heads=2))
+
+
+@pytest.fixture(scope="module")
+def batch(policy):
+    return synthetic_rollout_batch(policy, num_prompts=2, group_size=3, num_chunks=C, seed=1)
+
+
+def _shrink(policy, batch, *overrides):
+    cfg = load_config(list(overrides))
+    kept, sel = pcm_shrink_batch(batch, PCMController(cfg.pcm, seed=0),
+                                 action_token_start=policy.config.action_token_start)
+    return cfg, kept, sel
+
+
+def _grads(policy):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
+
+
+def _masked_full_batch_grads(policy, batch, index, cfg):
+    """Gradient of the full-batch loss (padded per-chunk forward of every chunk) with a 0/1 chunk mask."""
+    N = batch.batch["responses"].shape[0]
+    logits = policy.action_logits(batch.batch["input_ids"].flatten(0, 1), batch.batch["attention_mask"].flatten(0, 1),
+                                  batch.batch["pixel_values"].flatten(0, 1))
+    logp = policy.log_probs(logits, batch.batch["responses"].flatten(0, 1), cfg.actor.temperature).view(N, -1)
+    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
+    chunk_kept.scatter_(1, index.clamp(min=0), index >= 0)
+    mask = token_mask(batch.batch["finish_step"], C) & chunk_kept.repeat_interleave(56, dim=1)
+    traj = torch.arange(N).unsqueeze(-1).expand_as(mask)
+    loss, _ = policy_loss(logp[mask], batch.batch["old_log_probs"][mask], batch.batch["advantages"][mask],
+                          traj[mask], N, cfg.actor.clip_ratio_low, cfg.actor.clip_ratio_high)
+    policy.zero_grad()
+    loss.backward()
+    return _grads(policy)
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_shrinking_equals_masking(policy, batch, micro):
+    cfg, kept, sel = _shrink(policy, batch, "pcm.budget=3", f"actor.micro_batch_trajectories={micro}")
+    # move the policy off its rollout weights so ratios differ from 1 and clipping can engage
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    policy.zero_grad()
+    accumulate_gradients(policy, kept, cfg.actor)
+    shrunk = _grads(policy)
+    masked = _masked_full_batch_grads(policy, batch, sel.index, cfg)
+    for a, b in zip(shrunk, masked):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in shrunk)
+
+
+def test_budget_covering_every_chunk_equals_full(policy, batch):
+    _, kept_pcm, sel_pcm = _shrink(policy, batch, f"pcm.budget={C}")
+    cfg, kept_full, sel_full = _shrink(policy, batch, "pcm.strategy=full")
+    assert torch.equal(sel_pcm.index[:, :C], sel_full.index)
+    for key in kept_full.batch.keys():
+        assert torch.equal(kept_pcm.batch[key], kept_full.batch[key]), key
+    policy.zero_grad()
+    accumulate_gradients(policy, kept_pcm, cfg.actor)
+    a = _grads(policy)
+    policy.zero_grad()
+    accumulate_gradients(policy, kept_full, cfg.actor)
+    for x, y in zip(a, _grads(policy)):
+        assert torch.equal(x, y)
+
+
+def test_update_trains_lora_only_and_scatters_log_probs(batch):
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=16, vision_width=32, vision_layers=1, vision_heads=2))
+    fresh = synthetic_rollout_batch(policy, num_prompts=2, group_size=3, num_chunks=C, seed=1)
+    policy.add_lora(4, 4)
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    cfg, kept, sel = _shrink(policy, fresh, "pcm.budget=3", "actor.lr=1e-2")
+    stats, metrics, new_log_probs = update_actor(policy, make_optimizer(policy, cfg.actor), kept, cfg.actor)
+    assert stats.chunks == int((sel.index >= 0).sum()) and stats.tokens == int(kept.batch["response_mask"].sum())
+    assert stats.activation_bytes > 0 and stats.peak_memory_bytes > 0 and stats.update_time_s > 0
+    assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_loss"} <= set(metrics)
+    for n, p in policy.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert any(not torch.equal(p, trainable[n]) for n, p in policy.named_parameters() if n in trainable)
+    # LoRA starts as the identity: log-probs at the start equal the rollout's, in SimpleVLA-RL's layout
+    N = fresh.batch["finish_step"].shape[0]
+    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
+    chunk_kept.scatter_(1, sel.index.clamp(min=0), sel.index >= 0)
+    mask = token_mask(fresh.batch["finish_step"], C) & chunk_kept.repeat_interleave(56, dim=1)
+    assert new_log_probs.shape == (N, C * 56)
+    torch.testing.assert_close(new_log_probs[mask], fresh.batch["old_log_probs"][mask], rtol=1e-4, atol=1e-5)
+    assert (new_log_probs[~chunk_kept.repeat_interleave(56, dim=1)] == 0).all()
+
+
+def test_shrink_batch_rows_and_normalization(policy, batch):
+    _, kept, sel = _shrink(policy, batch, "pcm.budget=2")
+    N = batch.batch["finish_step"].shape[0]
+    rows = [(n, c) for n in range(N) for c in sel.index[n].tolist() if c >= 0]
+    assert kept.batch["traj_index"].tolist() == [n for n, _ in rows]
+    assert kept.batch["chunk_index"].tolist() == [c for _, c in rows]
+    for m, (n, c) in enumerate(rows):
+        assert torch.equal(kept.batch["responses"][m], batch.batch["responses"][n, c])
+        assert torch.equal(kept.batch["advantages"][m], batch.batch["advantages"][n, c * 56:(c + 1) * 56])
+    expected_counts = torch.zeros(N, dtype=torch.int64)
+    for m, (n, _) in enumerate(rows):
+        expected_counts[n] += int(kept.batch["response_mask"][m].sum())
+    assert torch.equal(kept.meta_info["traj_token_counts"], expected_counts)
+
+
+def test_bad_batches_are_rejected(policy, batch):
+    controller = PCMController(load_config([]).pcm)
+    start = policy.config.action_token_start
+    missing = DataProto.from_dict(tensors={k: v for k, v in batch.batch.items() if k != "advantages"},
+                                  non_tensors={"uid": batch.non_tensor_batch["uid"]})
+    with pytest.raises(KeyError, match="advantages"):
+        pcm_shrink_batch(missing, controller, action_token_start=start)
+    too_long = batch.batch.clone()
+    too_long["finish_step"] = too_long["finish_step"] + 8 * C
+    with pytest.raises(ValueError, match="finish_step"):
+        pcm_shrink_batch(DataProto(batch=too_long, non_tensor_batch=batch.non_tensor_batch), controller,
+                         action_token_start=start)
+    wrong = batch.batch.clone()
+    wrong["old_log_probs"] = wrong["old_log_probs"][:, :10]
+    with pytest.raises(ValueError, match="old_log_probs"):
+        pcm_shrink_batch(DataProto(batch=wrong, non_tensor_batch=batch.non_tensor_batch), controller,
+                         action_token_start=start)
+    no_uid = DataProto(batch=batch.batch, non_tensor_batch={})
+    with pytest.raises(KeyError, match="uid"):
+        pcm_shrink_batch(no_uid, controller, action_token_start=start)
+    with pytest.raises(TypeError, match="DataProto"):
+        pcm_shrink_batch({"responses": 1}, controller, action_token_start=start)
+    with pytest.raises(ValueError, match="index"):
+        shrink_batch(batch, torch.full((3, 2), 0), action_chunk=8, action_dim=7)
+    with pytest.raises(Exception, match="pcm.budget"):
+        load_config(["pcm.budget=0"])
+
+
+def test_compare_update_json(capsys):
+    code = compare_update.main(["--num-prompts", "1", "--group-size", "2", "--chunks", "16", "--hidden", "16",
+                                "--layers", "1", "--image-size", "16", "--repeats", "1", "--budget", "4", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"update_time_ratio", "activation_memory_reduction", "device"} <= set(report)
+    assert report["modes"]["pcm"]["chunks"] <= 2 * 4 < report["modes"]["full"]["chunks"]
+    assert 0 < report["activation_memory_reduction"] < 1
+
+
+def test_compare_update_rejects_bad_flags():
+    with pytest.raises(SystemExit):
+        compare_update.parse_args(["--budget", "0"])
+    with pytest.raises(SystemExit):
+        compare_update.parse_args(["--group-size", "1"])
