@@ -36,8 +36,12 @@ def pytest_terminal_summary(terminalreporter, config):
             if b is base[0]:
                 continue
             ratio = base_median / b.stats.median
-            lines.append(f"{group}: {b.name} median {b.stats.median * 1e6:,.1f} us, "
-                         f"{ratio:.1f}x faster than {base[0].name} ({base_median * 1e6:,.1f} us)")
+            line = (f"{group}: {b.name} median {b.stats.median * 1e6:,.1f} us, "
+                    f"speed-up {ratio:.2f}x over {base[0].name} ({base_median * 1e6:,.1f} us)")
+            base_act, act = base[0].extra_info.get("activation_bytes"), b.extra_info.get("activation_bytes")
+            if base_act and act:
+                line += f"; activation memory {act / 2**20:.1f} vs {base_act / 2**20:.1f} MiB ({(act - base_act) / base_act:+.0%})"
+            lines.append(line)
     if lines:
         terminalreporter.section(f"pcm ratios (device: {torch.cuda.get_device_name() if CUDA else 'CPU'})")
         for line in lines:

@@ -90,6 +90,7 @@ def accumulate_gradients(policy: torch.nn.Module, kept: DataProto, cfg: ActorSec
     mask = kept.batch["response_mask"]
     acc = _Accumulated()
     metrics_sum: dict[str, float] = {}
+    policy.train()
     for start, end in _micro_batches(traj_index, num_traj, cfg.micro_batch_trajectories):
         micro_mask = mask[start:end]
         if not bool(micro_mask.any()):
@@ -132,7 +133,6 @@ def update_actor(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, kept
     """
     device = kept.batch["responses"].device
     mask = kept.batch["response_mask"]
-    policy.train()
     reset_peak_memory(device)
     _sync(device)
     started = time.perf_counter()

@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank, 0 = train every weight (default 8)")
     ap.add_argument("--micro-batch", type=int, default=1, help="trajectories per forward/backward (default 1)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward")
     ap.add_argument("--repeats", type=int, default=3, help="timed updates per mode, after one warm-up")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,6 +66,8 @@ def _policy(args) -> SmallVLA:
     policy = SmallVLA(config).to(args.device)
     if args.lora_r:
         policy.add_lora(args.lora_r, args.lora_r)
+    if args.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     return policy
 
 
@@ -118,7 +121,7 @@ def run(args) -> dict:
         "budget": args.budget, "trajectories": args.num_prompts * args.group_size, "chunks_per_trajectory": args.chunks,
         "valid_chunks_per_trajectory": selection.metrics["pcm/valid_chunks_per_traj"],
         "policy": {"hidden": args.hidden, "layers": args.layers, "image_size": args.image_size,
-                   "lora_r": args.lora_r},
+                   "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing},
         "micro_batch_trajectories": args.micro_batch, "repeats": args.repeats,
         "modes": results,
         "update_time_ratio": full["update_time_s"] / pcm["update_time_s"],

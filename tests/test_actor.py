@@ -169,6 +169,22 @@ def test_compare_update_json(capsys):
     assert 0 < report["activation_memory_reduction"] < 1
 
 
+def test_gradient_checkpointing_saves_activations_same_gradients(policy, batch):
+    cfg, kept, _ = _shrink(policy, batch, "pcm.budget=3")
+    policy.zero_grad()
+    plain, _ = accumulate_gradients(policy, kept, cfg.actor)
+    expected = _grads(policy)
+    policy.enable_gradient_checkpointing()
+    try:
+        policy.zero_grad()
+        checkpointed, _ = accumulate_gradients(policy, kept, cfg.actor)
+        for a, b in zip(_grads(policy), expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert checkpointed.activation_peak < plain.activation_peak
+    finally:
+        policy._causal_lm().gradient_checkpointing_disable()
+
+
 def test_compare_update_rejects_bad_flags():
     with pytest.raises(SystemExit):
         compare_update.parse_args(["--budget", "0"])

@@ -362,6 +362,10 @@ class SmallVLA(PreTrainedModel):
         return {"responses": responses, "log_probs": self.log_probs(logits, responses, temperature),
                 "normalized_actions": normalized, "env_actions": env_actions}
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder layers' activations during backward (less memory, more compute)."""
+        self._causal_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     # ----- LoRA -----
 
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0,
