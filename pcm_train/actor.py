@@ -59,7 +59,9 @@ def _micro_batches(traj_index: torch.Tensor, num_traj: int, per_micro: int):
 def chunk_log_probs(policy, kept: DataProto, start: int, end: int, temperature: float) -> torch.Tensor:
     """float [end - start, A] log-probs of the kept rows' responses, one packed forward."""
     ids = kept.batch["input_ids"][start:end]
-    lengths = kept.batch["attention_mask"][start:end].sum(-1)
+    attention = kept.batch["attention_mask"][start:end].bool()
+    ids = ids.gather(1, torch.argsort((~attention).to(torch.int8), dim=1, stable=True))  # left- or right-padded
+    lengths = attention.sum(-1)
     rows = ids.shape[0]
     prompts = pk.gather_chunks(ids.view(rows, 1, -1), torch.zeros(rows, 1, dtype=torch.int64, device=ids.device),
                                lengths.view(rows, 1))

@@ -5,7 +5,7 @@ A rollout batch is a ``verl.DataProto`` over N trajectories of C chunks:
 | key | shape | dtype |
 | --- | --- | --- |
 | ``responses`` | [N, C, A] | int64 action token ids, A = L * D |
-| ``input_ids``, ``attention_mask`` | [N, C, P] | int64, right-padded prompts (BOS first) |
+| ``input_ids``, ``attention_mask`` | [N, C, P] | int64 prompts (BOS first), left- or right-padded |
 | ``pixel_values`` | [N, C, *image] | float |
 | ``finish_step`` | [N] | int64 env steps executed, <= C * L |
 | ``complete`` | [N] | bool success |

@@ -116,6 +116,22 @@ def test_update_trains_lora_only_and_scatters_log_probs(batch):
     assert (new_log_probs[~chunk_kept.repeat_interleave(56, dim=1)] == 0).all()
 
 
+def test_left_padded_prompts_give_the_same_update(policy, batch):
+    cfg, kept, _ = _shrink(policy, batch, "pcm.budget=3")
+    policy.zero_grad()
+    accumulate_gradients(policy, kept, cfg.actor)
+    expected = _grads(policy)
+    ids, mask = kept.batch["input_ids"], kept.batch["attention_mask"]
+    lengths = mask.sum(-1, keepdim=True)
+    shift = (torch.arange(ids.shape[1]) - (ids.shape[1] - lengths)) % ids.shape[1]
+    kept.batch["input_ids"], kept.batch["attention_mask"] = ids.gather(1, shift), mask.gather(1, shift)
+    assert (kept.batch["attention_mask"][:, -1] == 1).all()
+    policy.zero_grad()
+    accumulate_gradients(policy, kept, cfg.actor)
+    for a, b in zip(_grads(policy), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_shrink_batch_rows_and_normalization(policy, batch):
     _, kept, sel = _shrink(policy, batch, "pcm.budget=2")
     N = batch.batch["finish_step"].shape[0]
