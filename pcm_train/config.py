@@ -22,10 +22,25 @@ from typing import Any, Optional
 STRATEGIES = ("full", "random", "top_phase", "pcm")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean")
 DTYPES = ("float32", "bfloat16", "float16")
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 NUM_PHASES = 5
 
 # Overrides each preset applies before the command line's own.
 PRESETS: dict[str, tuple[str, ...]] = {
+    # `python -m pcm_train.run` with no preset: minutes on 2 CPU cores, real LIBERO physics
+    "quick": (
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_chunks=12",
+        "pcm.budget=4",
+        "trainer.total_steps=3",
+        "trainer.val_every=3",
+        "trainer.save_every=3",
+        "trainer.val_episodes=2",
+        "policy.lora_r=8",
+        "policy.lora_alpha=8",
+        "actor.lr=1e-4",
+    ),
     "paper": (
         "policy.name=openvla_oft",
         "policy.dtype=bfloat16",
@@ -130,7 +145,10 @@ class PolicySection:
     """Which policy to train and how."""
 
     name: str = "small_vla"
-    path: Optional[str] = None  # checkpoint directory or hub id; None = fresh weights
+    path: Optional[str] = None  # local checkpoint directory; None = fresh weights
+    hidden_size: int = 64  # small_vla decoder width
+    num_layers: int = 2  # small_vla decoder layers
+    image_size: int = 32  # small_vla input image side (the env renders at this size)
     lora_r: int = 32  # 0 = no LoRA adapters
     lora_alpha: int = 32
     dtype: str = "float32"  # one of DTYPES
@@ -138,6 +156,9 @@ class PolicySection:
     def validate(self, prefix: str) -> None:
         if not self.name:
             raise ConfigError(f"{prefix}.name must not be empty")
+        _at_least(f"{prefix}.hidden_size", self.hidden_size, 8)
+        _at_least(f"{prefix}.num_layers", self.num_layers, 1)
+        _at_least(f"{prefix}.image_size", self.image_size, 8)
         _at_least(f"{prefix}.lora_r", self.lora_r, 0)
         _above(f"{prefix}.lora_alpha", self.lora_alpha, 0)
         _one_of(f"{prefix}.dtype", self.dtype, DTYPES)
@@ -149,6 +170,7 @@ class TrainerSection:
 
     total_steps: int = 200
     val_every: int = 1  # 0 = never
+    val_episodes: int = 50  # held-out (task, initial state) rollouts per validation, greedy actions
     save_every: int = 10  # 0 = never
     output_dir: str = "runs/default"
     seed: int = 0
@@ -158,11 +180,33 @@ class TrainerSection:
         _at_least(f"{prefix}.total_steps", self.total_steps, 1)
         _at_least(f"{prefix}.val_every", self.val_every, 0)
         _at_least(f"{prefix}.save_every", self.save_every, 0)
+        _at_least(f"{prefix}.val_episodes", self.val_episodes, 1)
         if not self.output_dir:
             raise ConfigError(f"{prefix}.output_dir must not be empty")
         _at_least(f"{prefix}.seed", self.seed, 0)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{prefix}.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+
+
+@dataclass
+class EnvSection:
+    """LIBERO and the rollout workers."""
+
+    suite: str = "libero_object"
+    task_ids: Optional[list[int]] = None  # None = every task of the suite
+    val_init_states: int = 10  # the last N of each task's 50 initial states are held out for validation
+    camera: bool = True  # False: state observations, no rendering (state-mode policies only)
+    num_workers: int = 0  # Ray env workers; 0 = one per CPU core
+    ray_address: Optional[str] = None  # None = start Ray locally; "auto" or an address = join a cluster
+    step_timeout_s: float = 120.0  # a worker silent this long is restarted
+
+    def validate(self, prefix: str) -> None:
+        _one_of(f"{prefix}.suite", self.suite, SUITES)
+        if self.task_ids is not None and (not self.task_ids or min(self.task_ids) < 0):
+            raise ConfigError(f"{prefix}.task_ids must be null or a non-empty list of ids >= 0, got {self.task_ids}")
+        _within(f"{prefix}.val_init_states", self.val_init_states, 1, 49)
+        _at_least(f"{prefix}.num_workers", self.num_workers, 0)
+        _above(f"{prefix}.step_timeout_s", self.step_timeout_s, 0.0)
 
 
 @dataclass
@@ -175,6 +219,8 @@ class PCMTrainConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     policy: PolicySection = field(default_factory=PolicySection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    resume: Optional[str] = None  # a run directory to continue from its last checkpoint
 
 
 def load_config(overrides: list[str] | None = None) -> PCMTrainConfig:

@@ -22,11 +22,17 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
         "prompts_per_step": 8, "group_size": 10, "action_chunk": 8, "action_dim": 7, "max_chunks": 64,
         "num_steps_wait": 10,
     },
-    "policy": {"name": "small_vla", "path": None, "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
+    "policy": {"name": "small_vla", "path": None, "hidden_size": 64, "num_layers": 2, "image_size": 32,
+               "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
-        "total_steps": 200, "val_every": 1, "save_every": 10, "output_dir": "runs/default", "seed": 0,
+        "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": "runs/default", "seed": 0,
         "device": "auto",
     },
+    "env": {
+        "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0,
+        "ray_address": None, "step_timeout_s": 120.0,
+    },
+    "resume": None,
 }
 
 

@@ -7,6 +7,7 @@ bidirectional attention; the action logits are the LM logits one position before
 restricted to the action ids. Built from the config alone (no downloads), with a byte-level
 tokenizer: PAD = 0, BOS = 1, STOP = 2, byte b -> 3 + b, action bins = the last 256 ids.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,6 +200,15 @@ class SmallVLA(PreTrainedModel):
         input_ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows], device=self.device)
         attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         return input_ids, attention_mask
+
+    def pixel_values_from_images(self, images) -> torch.Tensor:
+        """uint8 images [B, H, W, C] (numpy or torch) of the config's size -> float32 [B, C, H, W] in [-1, 1]."""
+        images = torch.as_tensor(np.asarray(images))
+        expected = (self.config.image_size, self.config.image_size, self.config.image_channels)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
     # ----- forward passes -----
 

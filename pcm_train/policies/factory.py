@@ -1,0 +1,36 @@
+"""Build the policy a run trains, from its ``policy`` config section."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pcm_train.config import PolicySection
+from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
+
+
+def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,
+                 adapters: Path | None = None) -> SmallVLA:
+    """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights, else a fresh model from the
+    config sizes (seed torch first for reproducible weights). LoRA adapters are added when
+    ``cfg.lora_r > 0`` (or loaded, trainable, from ``adapters``)."""
+    if cfg.name != "small_vla":
+        raise ValueError(f"policy.name must be 'small_vla' (the policies this build has), got {cfg.name!r}")
+    if cfg.path is not None:
+        path = Path(cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"policy.path={cfg.path}: no config.json there (a directory written by "
+                                    "save_pretrained or pcm_train.run's base_policy/ is expected)")
+        policy = SmallVLA.from_pretrained(str(path))
+    else:
+        policy = SmallVLA(SmallVLAConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                                         num_attention_heads=max(1, cfg.hidden_size // 16),
+                                         intermediate_size=2 * cfg.hidden_size, image_size=cfg.image_size))
+    policy = policy.to(device=device, dtype=getattr(torch, cfg.dtype))
+    if adapters is not None:
+        policy.load_lora(str(adapters), trainable=True)
+    elif cfg.lora_r > 0:
+        policy.add_lora(cfg.lora_r, cfg.lora_alpha)
+    if gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    return policy

@@ -1,0 +1,171 @@
+"""Plots and a markdown summary from one or more run directories.
+
+    python -m pcm_train.report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+One run: its figures go to ``RUN_DIR/report/``. Several runs (e.g. ``full`` vs
+``pcm``): one figure per topic with a line per run, in ``--out`` (default: the
+first run's ``report/``). Figures: success vs step and vs wall-clock, kept chunks
+per phase over steps (paper Fig. 6), C_c per phase (Fig. 1 left), the split of
+step time between rollout and update (Fig. 1 right); plus ``summary.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pcm_train.controller import PHASE_NAMES  # noqa: E402
+from pcm_train.metrics_log import read_metrics  # noqa: E402
+
+
+def _run_label(run_dir: Path) -> str:
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    strategy = config.get("pcm", {}).get("strategy", "?")
+    budget = config.get("pcm", {}).get("budget", "?")
+    return f"{run_dir.name} ({strategy}{'' if strategy == 'full' else f', B={budget}'})"
+
+
+def _series(rows, key):
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _mean(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def plot_success(runs, out: Path) -> Path:
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        for key, style in (("success_rate", ":"), ("val/success_rate", "-")):
+            steps, values = _series(rows, key)
+            if steps:
+                by_step.plot(steps, values, style, marker="o", ms=3, label=f"{label} {key.split('/')[0]}")
+                wall = {r["step"]: r["wall_time_s"] / 60 for r in rows}
+                by_time.plot([wall[s] for s in steps], values, style, marker="o", ms=3)
+    by_step.set(xlabel="step", ylabel="success rate", ylim=(-0.02, 1.02), title="success vs step")
+    by_time.set(xlabel="wall-clock (min)", ylim=(-0.02, 1.02), title="success vs wall-clock")
+    by_step.legend(fontsize=7)
+    return _save(fig, out / "success.png")
+
+
+def plot_allocation(runs, out: Path) -> Path:
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, (label, rows) in zip(axes[0], runs.items()):
+        steps = [r["step"] for r in rows]
+        stacks = [[r.get(f"pcm/kept_per_traj/{p}") or 0.0 for r in rows] for p in PHASE_NAMES]
+        ax.stackplot(steps, stacks, labels=PHASE_NAMES)
+        ax.set(xlabel="step", ylabel="kept chunks per trajectory", title=label)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    return _save(fig, out / "allocation.png")
+
+
+def plot_phase_scores(runs, out: Path) -> Path:
+    fig, (lines, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    label, rows = next(iter(runs.items()))
+    for p in PHASE_NAMES:
+        steps, values = _series(rows, f"pcm/score/{p}")
+        if steps:
+            lines.plot(steps, values, marker="o", ms=3, label=p)
+    lines.set(xlabel="step", ylabel="C_c", title=f"phase score per step: {label}")
+    if lines.get_legend_handles_labels()[0]:
+        lines.legend(fontsize=7)
+    width = 0.8 / len(runs)
+    for i, (run_label, run_rows) in enumerate(runs.items()):
+        means = [_mean(run_rows, f"pcm/score/{p}") for p in PHASE_NAMES]
+        bars.bar([k + i * width for k in range(len(PHASE_NAMES))], means, width, label=run_label)
+    bars.set_xticks([k + 0.4 - width / 2 for k in range(len(PHASE_NAMES))], PHASE_NAMES, rotation=20, fontsize=8)
+    bars.set(ylabel="mean C_c", title="success/failure divergence by phase")
+    bars.legend(fontsize=7)
+    return _save(fig, out / "phase_scores.png")
+
+
+def plot_time_split(runs, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
+    labels = list(runs)
+    rollout = [_mean(rows, "rollout_time_s") for rows in runs.values()]
+    update = [_mean(rows, "update_time_s") for rows in runs.values()]
+    other = [max(_mean(rows, "step_time_s") - r - u, 0.0) for rows, r, u in zip(runs.values(), rollout, update)]
+    ax.bar(labels, rollout, label="rollout")
+    ax.bar(labels, update, bottom=rollout, label="actor update")
+    ax.bar(labels, other, bottom=[r + u for r, u in zip(rollout, update)], label="other")
+    for i, (r, u, o) in enumerate(zip(rollout, update, other)):
+        total = r + u + o
+        ax.text(i, total, f"update {u / total:.0%}\nrollout {r / total:.0%}", ha="center", va="bottom", fontsize=7)
+    ax.set(ylabel="seconds per step", title="where a step's time goes")
+    ax.tick_params(axis="x", labelsize=7, rotation=15)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "time_split.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(runs) -> str:
+    lines = ["| run | steps | final train success | final val success | update s/step | rollout s/step "
+             "| update share | activation MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, rows in runs.items():
+        val = [r for r in rows if r.get("val/success_rate") is not None]
+        update, step = _mean(rows, "update_time_s"), _mean(rows, "step_time_s")
+        lines.append(
+            f"| {label} | {rows[-1]['step'] + 1} | {rows[-1]['success_rate']:.2f} | "
+            f"{val[-1]['val/success_rate'] if val else float('nan'):.2f} | {update:.2f} | "
+            f"{_mean(rows, 'rollout_time_s'):.2f} | {update / step:.0%} | "
+            f"{_mean(rows, 'activation_bytes') / 2**20:.1f} | {_mean(rows, 'peak_memory_bytes') / 2**20:.0f} |")
+    if len(runs) > 1:
+        base_label, base_rows = next(iter(runs.items()))
+        for label, rows in list(runs.items())[1:]:
+            ratio = _mean(base_rows, "update_time_s") / _mean(rows, "update_time_s")
+            lines.append(f"\nActor update: {label} is {ratio:.2f}x the speed of {base_label}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
+    """Figures and ``summary.md`` for the given runs; returns the written paths."""
+    runs = {}
+    for run_dir in map(Path, run_dirs):
+        metrics = run_dir / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (is it a pcm_train run directory?)")
+        rows = read_metrics(metrics)
+        if not rows:
+            raise ValueError(f"{metrics} has no complete step yet")
+        runs[_run_label(run_dir)] = rows
+    out = Path(out) if out else Path(run_dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_success(runs, out), plot_allocation(runs, out), plot_phase_scores(runs, out),
+               plot_time_split(runs, out)]
+    summary = out / "summary.md"
+    summary.write_text("# Run summary\n\n" + summary_markdown(runs) + "\nFigures: "
+                       + ", ".join(p.name for p in written) + "\n")
+    return written + [summary]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pcm_train.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dirs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    try:
+        paths = write_report(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

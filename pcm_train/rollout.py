@@ -1,0 +1,103 @@
+"""Chunked, batched rollouts into a SimpleVLA-RL-layout ``DataProto``.
+
+The policy acts once per chunk for every active episode at once; the env pool
+executes the chunk's L steps in each env (stopping at success) and returns the
+new observations. Chunks never reached are filled as SimpleVLA-RL does: the
+episode's prompt, a blank image, a neutral action token, log-prob 0; they are
+invalid (``finish_step``) and never trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from verl import DataProto
+
+
+class EnvPool(Protocol):
+    """What a rollout needs from a set of parallel environments (see ``pcm_train.envs.workers``)."""
+
+    def reset(self, episodes: Sequence[tuple[int, int]]) -> list[dict]: ...
+
+    def step_chunk(self, actions: np.ndarray, active: np.ndarray) -> list: ...
+
+
+@dataclass
+class Episode:
+    """One rollout: which task and initial state, and its GRPO group."""
+
+    task_id: int
+    init_state_id: int
+    uid: str
+
+
+@torch.no_grad()
+def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
+                     greedy: bool = False, generator: torch.Generator | None = None,
+                     desc: str = "rollout", should_stop=lambda: False) -> DataProto:
+    """Run every episode to success or ``max_chunks`` chunks; returns the batch (LAYOUT.md keys plus
+    ``gripper`` float [E, C, L], the executed env-space gripper commands).
+
+    ``should_stop()`` is polled between chunks; when it returns True the rollout raises
+    ``pcm_train.trainer.StopRequested`` (a half-recorded batch is never returned)."""
+    if not episodes:
+        raise ValueError("episodes must not be empty")
+    cfg = policy.config
+    L, D = cfg.action_chunk, cfg.action_dim
+    A, C, E = L * D, max_chunks, len(episodes)
+    device = policy.device
+    observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
+    input_ids, attention_mask = policy.encode_prompts([o["language"] for o in observations])
+    P = input_ids.shape[1]
+    pixels0 = policy.pixel_values_from_images(np.stack([o["image"] for o in observations]))
+    responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
+    old_log_probs = torch.zeros(E, C, A)
+    pixel_values = torch.zeros((E, C) + tuple(pixels0.shape[1:]))
+    gripper = torch.full((E, C, L), -1.0)
+    finish_step = torch.zeros(E, dtype=torch.int64)
+    complete = torch.zeros(E, dtype=torch.bool)
+    active = np.ones(E, dtype=bool)
+    current = pixels0
+    policy.eval()
+    for k in tqdm(range(C), desc=desc, leave=False, unit="chunk"):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        if should_stop():
+            from pcm_train.trainer import StopRequested
+
+            raise StopRequested
+        out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device), temperature=temperature,
+                         greedy=greedy, generator=generator)
+        responses[rows, k] = out["responses"].cpu()
+        old_log_probs[rows, k] = out["log_probs"].cpu()
+        pixel_values[rows, k] = current[rows].cpu()
+        env_actions = np.zeros((E, L, D), dtype=np.float64)
+        env_actions[rows] = out["env_actions"].cpu().double().numpy()
+        results = pool.step_chunk(env_actions, active)
+        images = current.clone()
+        for e in rows:
+            obs, reward, terminated, truncated, info = results[e]
+            executed = int(info["chunk_steps"])
+            gripper[e, k, :executed] = torch.from_numpy(env_actions[e, :executed, -1]).float()
+            finish_step[e] += executed
+            if terminated:
+                complete[e] = reward > 0
+            if terminated or truncated or k == C - 1:
+                active[e] = False
+            else:
+                images[e] = policy.pixel_values_from_images(obs["image"][None])[0]
+        current = images
+    uid = np.array([e.uid for e in episodes], dtype=object)
+    tensors = {
+        "responses": responses, "input_ids": input_ids.cpu().unsqueeze(1).expand(E, C, P).contiguous(),
+        "attention_mask": attention_mask.cpu().unsqueeze(1).expand(E, C, P).contiguous(),
+        "pixel_values": pixel_values, "finish_step": finish_step, "complete": complete,
+        "old_log_probs": old_log_probs.view(E, C * A), "gripper": gripper,
+    }
+    non_tensors = {"uid": uid, "task_id": np.array([e.task_id for e in episodes]),
+                   "init_state_id": np.array([e.init_state_id for e in episodes])}
+    return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)

@@ -1,0 +1,87 @@
+"""Train a VLA policy with GRPO (+ PCM) on LIBERO.
+
+    python -m pcm_train.run [key=value ...]
+
+With no arguments it runs the built-in default (``preset=quick``): LIBERO-Object,
+the small VLA, a few short steps that fit a 2-core CPU machine. ``preset=paper``
+is the paper's configuration (OpenVLA-OFT on GPUs). Any config key can be set,
+e.g. ``pcm.strategy=full pcm.budget=8 trainer.total_steps=20
+trainer.output_dir=runs/full``. ``resume=RUN_DIR`` continues a run from its last
+checkpoint (its saved config, then your overrides). Ctrl-C saves and exits.
+Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
+``checkpoints/``, ``report/`` (plots and summary.md).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pcm_train.config import ConfigError, load_config
+
+
+def _flatten(prefix: str, value) -> list[str]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(f"{prefix}{k}.", v)]
+    if value is None:
+        text = "null"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ",".join(str(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return [f"{prefix[:-1]}={text}"]
+
+
+def resolve_overrides(argv: list[str]) -> list[str]:
+    """The user's overrides, after the saved config of ``resume=DIR`` or the default preset."""
+    keys = [a.partition("=")[0].strip() for a in argv]
+    if "resume" in keys:
+        run_dir = Path(argv[keys.index("resume")].partition("=")[2].strip())
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"resume={run_dir}: no config.json there (not a pcm_train run directory)")
+        config = json.loads(saved.read_text())
+        config.pop("resume", None)
+        preset = config.pop("preset", None)
+        base = [f"preset={'null' if preset is None else preset}"] + _flatten("", config)
+        return base + argv
+    return argv if "preset" in keys else ["preset=quick"] + argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_config(resolve_overrides(argv))
+        from pcm_train.envs.workers import make_pool
+        from pcm_train.trainer import Trainer
+
+        if cfg.env.camera:
+            from pcm_train.envs.libero import choose_renderer
+
+            choose_renderer()
+        trainer = Trainer(cfg, make_pool)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {trainer.run_dir.resolve()}", file=sys.stderr)
+    try:
+        finished = trainer.run()
+    finally:
+        trainer.close()
+    from pcm_train.report import write_report
+
+    try:
+        report = write_report([trainer.run_dir])
+    except ValueError:
+        report = []
+    print(f"{'finished' if finished else 'stopped'} at step {trainer.step}; outputs in {trainer.run_dir.resolve()}:")
+    for path in [trainer.run_dir / "metrics.jsonl", trainer.run_dir / "checkpoints", *report]:
+        print(f"  {path}")
+    return 0 if finished else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The training loop: rollout -> GRPO advantage -> PCM selection -> actor update -> validation -> log -> checkpoint."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pcm_train import checkpoint as ckpt
+from pcm_train.actor import make_optimizer, update_actor
+from pcm_train.config import PCMTrainConfig, config_to_dict
+from pcm_train.controller import PCMController
+from pcm_train.grpo import grpo_advantages, token_mask
+from pcm_train.metrics_log import MetricsLog
+from pcm_train.policies.factory import build_policy
+from pcm_train.rollout import Episode, collect_rollouts
+from pcm_train.simplevla import pcm_shrink_batch
+
+NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
+
+
+class StopRequested(Exception):
+    """Ctrl-C arrived; the trainer saves and exits at the next safe point."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but this machine has no CUDA device; use trainer.device=cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """Owns the policy, optimizer, controller, RNGs and env pool of one run directory."""
+
+    def __init__(self, cfg: PCMTrainConfig, pool_factory):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
+        self.device = resolve_device(cfg.trainer.device)
+        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.trainer.seed)
+        self.policy = self._build_policy(resume_from)
+        self.optimizer = make_optimizer(self.policy, cfg.actor)
+        self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
+        self.episode_rng = np.random.default_rng(cfg.trainer.seed)
+        self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
+        self.step = 0
+        self.wall_time_s = 0.0
+        self.metrics = MetricsLog(self.run_dir)
+        if resume_from is not None:
+            self._load(resume_from)
+        else:
+            self.metrics.truncate_after(-1)
+        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        self.tasks = self._task_ids()
+        self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
+        self._stop = False
+
+    # ----- setup -----
+
+    def _build_policy(self, resume_from):
+        cfg, base = self.cfg.policy, self.run_dir / "base_policy"
+        gc = self.cfg.actor.gradient_checkpointing
+        if resume_from is None:
+            policy = build_policy(type(cfg)(**{**vars(cfg), "lora_r": 0}), device=self.device,
+                                  gradient_checkpointing=gc)
+            if cfg.path is None:  # adapters and resumes need these exact starting weights
+                policy.save_pretrained(str(base))
+            if cfg.lora_r > 0:
+                policy.add_lora(cfg.lora_r, cfg.lora_alpha)
+            return policy
+        saved = resume_from / "policy"
+        if (saved / "adapter_config.json").is_file():
+            base_cfg = type(cfg)(**{**vars(cfg), "path": cfg.path or str(base)})
+            return build_policy(base_cfg, device=self.device, gradient_checkpointing=gc, adapters=saved)
+        full_cfg = type(cfg)(**{**vars(cfg), "path": str(saved), "lora_r": 0})
+        return build_policy(full_cfg, device=self.device, gradient_checkpointing=gc)
+
+    def _task_ids(self) -> list[int]:
+        from pcm_train.envs.libero import list_tasks
+
+        available = [t.task_id for t in list_tasks(self.cfg.env.suite)]
+        chosen = self.cfg.env.task_ids or available
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise ValueError(f"env.task_ids {unknown} not in {self.cfg.env.suite} (tasks {available})")
+        return list(chosen)
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
+                "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
+                "action_generator": self.action_generator.get_state(), "rng": ckpt.rng_states(),
+                "config": config_to_dict(self.cfg)}
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.episode_rng.bit_generator.state = state["episode_rng"]
+        self.action_generator.set_state(state["action_generator"])
+        ckpt.set_rng_states(state["rng"])
+        self.step = state["step"] + 1
+        self.wall_time_s = state["wall_time_s"]
+        self.metrics.truncate_after(state["step"])
+
+    # ----- episodes -----
+
+    def train_episodes(self) -> list[Episode]:
+        """prompts_per_step (task, initial state) pairs from the training states, G rollouts each."""
+        r = self.cfg.rollout
+        num_train_states = NUM_INIT_STATES - self.cfg.env.val_init_states
+        tasks = self.episode_rng.choice(self.tasks, size=r.prompts_per_step)
+        states = self.episode_rng.integers(0, num_train_states, size=r.prompts_per_step)
+        return [Episode(int(t), int(s), f"step{self.step}-prompt{i}")
+                for i, (t, s) in enumerate(zip(tasks, states)) for _ in range(r.group_size)]
+
+    def val_episodes(self) -> list[Episode]:
+        """Fixed held-out pairs: tasks in turn, over the last val_init_states initial states."""
+        first = NUM_INIT_STATES - self.cfg.env.val_init_states
+        return [Episode(self.tasks[i % len(self.tasks)], first + (i // len(self.tasks)) % self.cfg.env.val_init_states,
+                        f"val{i}") for i in range(self.cfg.trainer.val_episodes)]
+
+    # ----- one step -----
+
+    def _rollout(self, episodes, *, greedy: bool, desc: str):
+        return collect_rollouts(self.policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
+                                temperature=self.cfg.actor.temperature, greedy=greedy,
+                                generator=self.action_generator, desc=desc, should_stop=lambda: self._stop)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout")
+        rollout_time = time.perf_counter() - started
+        L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
+        mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
+        advantages = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
+        batch.batch["advantages"] = advantages
+        batch = batch.to(self.device)
+        kept, selection = pcm_shrink_batch(batch, self.controller,
+                                           action_token_start=self.policy.config.action_token_start,
+                                           action_chunk=L, action_dim=D)
+        stats, loss_metrics, _ = update_actor(self.policy, self.optimizer, kept, cfg.actor)
+        row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
+               "rollout_time_s": rollout_time, "update_time_s": stats.update_time_s,
+               "forward_time_s": stats.forward_time_s, "backward_time_s": stats.backward_time_s,
+               "chunks_kept": stats.chunks, "tokens": stats.tokens, "activation_bytes": stats.activation_bytes,
+               "peak_memory_bytes": stats.peak_memory_bytes, "grad_norm": stats.grad_norm,
+               "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
+               **_advantage_stats(advantages, mask), **loss_metrics, **selection.metrics}
+        if cfg.trainer.val_every and ((self.step + 1) % cfg.trainer.val_every == 0
+                                      or self.step + 1 == cfg.trainer.total_steps):
+            val_started = time.perf_counter()
+            val = self._rollout(self.val_episodes(), greedy=True, desc=f"step {self.step} validation")
+            row["val/success_rate"] = float(val.batch["complete"].float().mean())
+            row["val_time_s"] = time.perf_counter() - val_started
+        row["step_time_s"] = time.perf_counter() - started
+        row["rollout_share"] = rollout_time / row["step_time_s"]
+        row["update_share"] = stats.update_time_s / row["step_time_s"]
+        return row
+
+    # ----- the loop -----
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.policy, self._trainer_state())
+
+    def _request_stop(self, signum, frame):
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+        tqdm.write("stopping after a safe point (Ctrl-C again to abort without saving)")
+
+    def run(self) -> bool:
+        """Train to ``total_steps``; returns False when stopped early by Ctrl-C (state saved)."""
+        cfg = self.cfg.trainer
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        saved_step = None
+        try:
+            progress = tqdm(range(self.step, cfg.total_steps), desc="training", unit="step", initial=self.step,
+                            total=cfg.total_steps)
+            for step in progress:
+                self.step = step
+                snapshot = (self.controller.state_dict(), self.episode_rng.bit_generator.state,
+                            self.action_generator.get_state(), ckpt.rng_states())
+                try:
+                    row = self.train_step()
+                except StopRequested:
+                    self._restore(snapshot)
+                    self.step = step - 1
+                    if step > 0 and saved_step != self.step:
+                        self.save()
+                    return False
+                self.wall_time_s += row["step_time_s"]
+                row["wall_time_s"] = self.wall_time_s
+                self.metrics.write(row)
+                progress.set_postfix(success=f"{row['success_rate']:.2f}", update_s=f"{row['update_time_s']:.2f}")
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.total_steps or self._stop:
+                    self.save()
+                    saved_step = step
+                if self._stop:
+                    return False
+            return True
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.metrics.close()
+
+    def _restore(self, snapshot) -> None:
+        controller, episode_rng, action_gen, rng = snapshot
+        self.controller.load_state_dict(controller)
+        self.episode_rng.bit_generator.state = episode_rng
+        self.action_generator.set_state(action_gen)
+        ckpt.set_rng_states(rng)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict:
+    per_traj = advantages[:, 0] if advantages.shape[1] else advantages.new_zeros(advantages.shape[0])
+    valid = mask.any(1)
+    a = per_traj[valid]
+    return {"advantage/mean": float(a.mean()) if a.numel() else 0.0,
+            "advantage/std": float(a.std()) if a.numel() > 1 else 0.0,
+            "advantage/nonzero_fraction": float((a != 0).float().mean()) if a.numel() else 0.0}

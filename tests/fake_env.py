@@ -1,0 +1,52 @@
+"""A deterministic stand-in for the LIBERO worker pool, for fast trainer tests.
+
+An episode succeeds once its env has executed ``close_steps`` closing gripper
+commands; observations are images derived from (task, initial state, step).
+"""
+import numpy as np
+
+
+class FakePool:
+    def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512):
+        self.image_size = image_size
+        self.close_steps = close_steps
+        self.max_steps = max_steps
+        self.episodes = []
+        self.resets = 0
+        self.closed = False
+
+    def _obs(self, e):
+        task, init, steps, _ = self.episodes[e]
+        rng = np.random.default_rng(task * 1000 + init * 10 + steps)
+        image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
+        return {"image": image, "language": f"put object {task} in the basket", "state": np.zeros(8, np.float32)}
+
+    def reset(self, episodes):
+        self.resets += 1
+        self.episodes = [[t, s, 0, 0] for t, s in episodes]
+        return [self._obs(e) for e in range(len(episodes))]
+
+    def step_chunk(self, actions, active):
+        results = [None] * len(self.episodes)
+        for e in np.flatnonzero(active):
+            executed, success = 0, False
+            for action in actions[e]:
+                self.episodes[e][2] += 1
+                self.episodes[e][3] += int(action[-1] > 0)
+                executed += 1
+                success = self.episodes[e][3] >= self.close_steps
+                if success or self.episodes[e][2] >= self.max_steps:
+                    break
+            truncated = not success and self.episodes[e][2] >= self.max_steps
+            results[e] = (self._obs(e), float(success), success, truncated, {"chunk_steps": executed})
+        return results
+
+    def close(self):
+        self.closed = True
+
+
+def fake_pool_factory(**kwargs):
+    def make(cfg, image_size):
+        return FakePool(cfg, image_size=image_size, max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,
+                        **kwargs)
+    return make

@@ -1,0 +1,140 @@
+"""The training loop on a fake env pool: metrics, checkpoints, resume, Ctrl-C, reports, errors."""
+import json
+
+import pytest
+import torch
+
+from pcm_train import report
+from pcm_train.checkpoint import latest_checkpoint, load_trainer_state
+from pcm_train.config import load_config
+from pcm_train.metrics_log import read_metrics
+from pcm_train.rollout import Episode, collect_rollouts
+from pcm_train.run import resolve_overrides
+from pcm_train.trainer import Trainer
+
+from fake_env import FakePool, fake_pool_factory
+
+TINY = ["preset=quick", "rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3",
+        "pcm.budget=2", "trainer.total_steps=2", "trainer.val_every=2", "trainer.val_episodes=2",
+        "trainer.save_every=1", "policy.hidden_size=16", "policy.num_layers=1", "policy.image_size=16",
+        "env.task_ids=[0,1]"]
+
+
+def _trainer(tmp_path, *extra, name="run"):
+    cfg = load_config(TINY + [f"trainer.output_dir={tmp_path / name}"] + list(extra))
+    return Trainer(cfg, fake_pool_factory(close_steps=6))
+
+
+def test_rollout_batch_layout():
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    pool = FakePool(image_size=16, close_steps=10, max_steps=40)
+    episodes = [Episode(0, 1, "a"), Episode(0, 1, "a"), Episode(1, 2, "b")]
+    batch = collect_rollouts(policy, pool, episodes, max_chunks=5, temperature=1.6,
+                             generator=torch.Generator().manual_seed(0))
+    b = batch.batch
+    assert b["responses"].shape == (3, 5, 56) and b["old_log_probs"].shape == (3, 280)
+    assert b["input_ids"].shape[:2] == (3, 5) and b["pixel_values"].shape == (3, 5, 3, 16, 16)
+    assert b["gripper"].shape == (3, 5, 8)
+    finish = b["finish_step"]
+    assert ((finish > 0) & (finish <= 40)).all()
+    for e in range(3):
+        valid_chunks = (int(finish[e]) + 7) // 8
+        assert (b["old_log_probs"][e, valid_chunks * 56:] == 0).all()
+        assert (b["old_log_probs"][e, : valid_chunks * 56] < 0).all()
+        closes = int((b["gripper"][e] > 0).sum())
+        assert bool(b["complete"][e]) == (closes >= 10)
+    assert list(batch.non_tensor_batch["uid"]) == ["a", "a", "b"]
+
+
+@pytest.mark.parametrize("strategy", ["full", "random", "top_phase", "pcm"])
+def test_two_steps_write_metrics_checkpoint_and_report(tmp_path, strategy):
+    trainer = _trainer(tmp_path, f"pcm.strategy={strategy}")
+    assert trainer.run()
+    trainer.close()
+    rows = read_metrics(trainer.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ("success_rate", "update_time_s", "rollout_time_s", "step_time_s", "update_share",
+                "activation_bytes", "pcm/keep_prob/active_grip", "pcm/kept_per_traj/active_grip", "actor/pg_loss"):
+        assert key in rows[0], key
+    assert "val/success_rate" in rows[1] and "val/success_rate" not in rows[0]
+    if strategy != "full":
+        assert rows[0]["chunks_kept"] <= 6 * 2
+    assert latest_checkpoint(trainer.run_dir).name == "step_000001"
+    assert list((trainer.run_dir / "tensorboard").iterdir())
+    paths = report.write_report([trainer.run_dir])
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "| run |" in (trainer.run_dir / "report" / "summary.md").read_text()
+
+
+def test_resume_continues_identically(tmp_path):
+    straight = _trainer(tmp_path, "trainer.total_steps=3", name="straight")
+    straight.run()
+    straight.close()
+    first = _trainer(tmp_path, "trainer.total_steps=3", name="resumed")
+    first.cfg.trainer.total_steps = 2
+    first.run()
+    first.close()
+    cfg = load_config(resolve_overrides([f"resume={tmp_path / 'resumed'}"]))
+    assert cfg.trainer.total_steps == 3
+    resumed = Trainer(cfg, fake_pool_factory(close_steps=6))
+    assert resumed.step == 2
+    resumed.run()
+    resumed.close()
+    a = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in b] == [0, 1, 2]
+    for key in ("success_rate", "chunks_kept", "pcm/keep_prob/active_grip", "episode_steps_mean"):
+        assert a[2][key] == b[2][key], key
+    sa = load_trainer_state(latest_checkpoint(tmp_path / "straight"))
+    sb = load_trainer_state(latest_checkpoint(tmp_path / "resumed"))
+    assert sa["controller"]["keep_probs"].tolist() == sb["controller"]["keep_probs"].tolist()
+    assert torch.equal(sa["action_generator"], sb["action_generator"])
+
+
+def test_stop_request_saves_last_complete_step(tmp_path):
+    trainer = _trainer(tmp_path, "trainer.total_steps=5", "trainer.save_every=0")
+    original = trainer.train_step
+    calls = []
+
+    def step_then_interrupt():
+        calls.append(trainer.step)
+        if len(calls) == 2:
+            trainer._request_stop(None, None)  # as if Ctrl-C arrived during step 1's rollout
+        return original()
+
+    trainer.train_step = step_then_interrupt
+    assert trainer.run() is False
+    trainer.close()
+    assert latest_checkpoint(trainer.run_dir).name == "step_000000"
+    assert [r["step"] for r in read_metrics(trainer.run_dir / "metrics.jsonl")] == [0]
+
+
+def test_bad_settings_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="env.task_ids"):
+        _trainer(tmp_path, "env.task_ids=[0,57]")
+    with pytest.raises(FileNotFoundError, match="resume"):
+        Trainer(load_config(TINY + [f"resume={tmp_path / 'nothing'}"]), fake_pool_factory())
+    with pytest.raises(FileNotFoundError, match="policy.path"):
+        _trainer(tmp_path, f"policy.path={tmp_path}")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="trainer.device=cuda"):
+            _trainer(tmp_path, "trainer.device=cuda")
+    with pytest.raises(Exception, match="env.suite"):
+        load_config(["env.suite=libero_100"])
+
+
+def test_report_cli_compares_runs(tmp_path, capsys):
+    for strategy in ("full", "pcm"):
+        t = _trainer(tmp_path, f"pcm.strategy={strategy}", "trainer.total_steps=1", name=strategy)
+        t.run()
+        t.close()
+    out = tmp_path / "compare"
+    assert report.main([str(tmp_path / "full"), str(tmp_path / "pcm"), "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "full" in summary and "pcm" in summary and "the speed of" in summary
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert json.loads((tmp_path / "pcm" / "config.json").read_text())["pcm"]["strategy"] == "pcm"
