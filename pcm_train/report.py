@@ -100,6 +100,7 @@ def plot_time_split(runs, out: Path) -> Path:
     for i, (r, u, o) in enumerate(zip(rollout, update, other)):
         total = r + u + o
         ax.text(i, total, f"update {u / total:.0%}\nrollout {r / total:.0%}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(top=1.3 * max(r + u + o for r, u, o in zip(rollout, update, other)))
     ax.set(ylabel="seconds per step", title="where a step's time goes")
     ax.tick_params(axis="x", labelsize=7, rotation=15)
     ax.legend(fontsize=7)

@@ -22,7 +22,8 @@ class EnvPool(Protocol):
 
     def reset(self, episodes: Sequence[tuple[int, int]]) -> list[dict]: ...
 
-    def step_chunk(self, actions: np.ndarray, active: np.ndarray) -> list: ...
+    def step_chunk(self, actions: np.ndarray, active: np.ndarray):
+        """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode)."""
 
 
 @dataclass
@@ -77,19 +78,17 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
         pixel_values[rows, k] = current[rows].cpu()
         env_actions = np.zeros((E, L, D), dtype=np.float64)
         env_actions[rows] = out["env_actions"].cpu().double().numpy()
-        results = pool.step_chunk(env_actions, active)
+        result = pool.step_chunk(env_actions, active)
         images = current.clone()
         for e in rows:
-            obs, reward, terminated, truncated, info = results[e]
-            executed = int(info["chunk_steps"])
+            executed = int(result.steps[e])
             gripper[e, k, :executed] = torch.from_numpy(env_actions[e, :executed, -1]).float()
             finish_step[e] += executed
-            if terminated:
-                complete[e] = reward > 0
-            if terminated or truncated or k == C - 1:
+            complete[e] = bool(result.terminated[e])
+            if result.terminated[e] or result.truncated[e] or k == C - 1:
                 active[e] = False
             else:
-                images[e] = policy.pixel_values_from_images(obs["image"][None])[0]
+                images[e] = policy.pixel_values_from_images(result.obs[e]["image"][None])[0]
         current = images
     uid = np.array([e.uid for e in episodes], dtype=object)
     tensors = {

@@ -55,14 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(resolve_overrides(argv))
-        from pcm_train.envs.workers import make_pool
-        from pcm_train.trainer import Trainer
+        from pcm_train.trainer import Trainer, make_env_pool
 
         if cfg.env.camera:
             from pcm_train.envs.libero import choose_renderer
 
             choose_renderer()
-        trainer = Trainer(cfg, make_pool)
+        trainer = Trainer(cfg, make_env_pool)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

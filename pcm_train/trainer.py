@@ -27,6 +27,22 @@ class StopRequested(Exception):
     """Ctrl-C arrived; the trainer saves and exits at the next safe point."""
 
 
+def make_env_pool(cfg: PCMTrainConfig, image_size: int):
+    """Ray env workers for the run: one per core by default, enough env slots for a step or a validation."""
+    import math
+    import os
+
+    from pcm_train.envs.workers import EnvWorkerPool
+
+    workers = cfg.env.num_workers or os.cpu_count() or 1
+    episodes = max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes)
+    return EnvWorkerPool(min(workers, episodes), cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
+                         envs_per_worker=math.ceil(episodes / min(workers, episodes)), ray_address=cfg.env.ray_address,
+                         step_timeout_s=cfg.env.step_timeout_s,
+                         max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,
+                         num_steps_wait=cfg.rollout.num_steps_wait)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,8 @@ commands; observations are images derived from (task, initial state, step).
 """
 import numpy as np
 
+from pcm_train.envs.workers import ChunkResult
+
 
 class FakePool:
     def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512):
@@ -27,19 +29,20 @@ class FakePool:
         return [self._obs(e) for e in range(len(episodes))]
 
     def step_chunk(self, actions, active):
-        results = [None] * len(self.episodes)
+        E = len(self.episodes)
+        reward, steps = np.zeros(E, np.float32), np.zeros(E, np.int64)
+        terminated, truncated = np.zeros(E, bool), np.zeros(E, bool)
         for e in np.flatnonzero(active):
-            executed, success = 0, False
             for action in actions[e]:
                 self.episodes[e][2] += 1
                 self.episodes[e][3] += int(action[-1] > 0)
-                executed += 1
-                success = self.episodes[e][3] >= self.close_steps
-                if success or self.episodes[e][2] >= self.max_steps:
+                steps[e] += 1
+                terminated[e] = self.episodes[e][3] >= self.close_steps
+                if terminated[e] or self.episodes[e][2] >= self.max_steps:
                     break
-            truncated = not success and self.episodes[e][2] >= self.max_steps
-            results[e] = (self._obs(e), float(success), success, truncated, {"chunk_steps": executed})
-        return results
+            truncated[e] = not terminated[e] and self.episodes[e][2] >= self.max_steps
+            reward[e] = float(terminated[e])
+        return ChunkResult([self._obs(e) for e in range(E)], reward, terminated, truncated, steps)
 
     def close(self):
         self.closed = True

@@ -203,7 +203,7 @@ class SmallVLA(PreTrainedModel):
 
     def pixel_values_from_images(self, images) -> torch.Tensor:
         """uint8 images [B, H, W, C] (numpy or torch) of the config's size -> float32 [B, C, H, W] in [-1, 1]."""
-        images = torch.as_tensor(np.asarray(images))
+        images = torch.tensor(np.asarray(images))  # a copy: frames from Ray are read-only
         expected = (self.config.image_size, self.config.image_size, self.config.image_channels)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected or images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 [B, {expected[0]}, {expected[1]}, {expected[2]}], "
