@@ -52,9 +52,11 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def save_policy(policy, directory: Path) -> None:
-    """Adapters only when the policy has LoRA, else the full weights."""
+    """Adapters only when the policy has LoRA, else the full weights (in the policy's own layout)."""
     if getattr(policy, "has_lora", False):
         policy.save_lora(str(directory))
+    elif hasattr(policy, "save_merged"):
+        policy.save_merged(str(directory))
     else:
         policy.save_pretrained(str(directory))
 

@@ -23,6 +23,7 @@ STRATEGIES = ("full", "random", "top_phase", "pcm")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean")
 DTYPES = ("float32", "bfloat16", "float16")
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+POLICIES = ("small_vla", "openvla_oft")
 NUM_PHASES = 5
 
 # Overrides each preset applies before the command line's own.
@@ -154,8 +155,7 @@ class PolicySection:
     dtype: str = "float32"  # one of DTYPES
 
     def validate(self, prefix: str) -> None:
-        if not self.name:
-            raise ConfigError(f"{prefix}.name must not be empty")
+        _one_of(f"{prefix}.name", self.name, POLICIES)
         _at_least(f"{prefix}.hidden_size", self.hidden_size, 8)
         _at_least(f"{prefix}.num_layers", self.num_layers, 1)
         _at_least(f"{prefix}.image_size", self.image_size, 8)

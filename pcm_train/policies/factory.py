@@ -5,18 +5,25 @@ from pathlib import Path
 
 import torch
 
-from pcm_train.config import PolicySection
+from pcm_train.config import POLICIES, PolicySection
+from pcm_train.policies.openvla_oft import OpenVLAOFT
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 
 
 def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,
-                 adapters: Path | None = None) -> SmallVLA:
-    """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights, else a fresh model from the
-    config sizes (seed torch first for reproducible weights). LoRA adapters are added when
-    ``cfg.lora_r > 0`` (or loaded, trainable, from ``adapters``)."""
-    if cfg.name != "small_vla":
-        raise ValueError(f"policy.name must be 'small_vla' (the policies this build has), got {cfg.name!r}")
-    if cfg.path is not None:
+                 adapters: Path | None = None):
+    """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights (required for ``openvla_oft``:
+    an OpenVLA-OFT checkpoint folder), else a fresh small VLA from the config sizes (seed torch first
+    for reproducible weights). LoRA adapters are added when ``cfg.lora_r > 0`` (or loaded, trainable,
+    from ``adapters``)."""
+    if cfg.name not in POLICIES:
+        raise ValueError(f"policy.name must be one of {POLICIES}, got {cfg.name!r}")
+    if cfg.name == "openvla_oft":
+        if cfg.path is None:
+            raise FileNotFoundError("policy.path is required for policy.name=openvla_oft "
+                                    "(a local OpenVLA-OFT checkpoint folder, e.g. a SimpleVLA-RL SFT download)")
+        policy = OpenVLAOFT.from_checkpoint(cfg.path, dtype=getattr(torch, cfg.dtype), device=device)
+    elif cfg.path is not None:
         path = Path(cfg.path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"policy.path={cfg.path}: no config.json there (a directory written by "

@@ -1,0 +1,40 @@
+"""Building the trained policy from the config, and saving it as checkpoints do."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcm_train.checkpoint import save_policy
+from pcm_train.config import load_config
+from pcm_train.policies.factory import build_policy
+
+TINY_OFT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "openvla-oft-tiny" / "checkpoint"
+
+
+def test_small_vla_from_config_and_saved_path(tmp_path):
+    cfg = load_config(["policy.hidden_size=16", "policy.num_layers=1", "policy.lora_r=0"]).policy
+    torch.manual_seed(0)
+    policy = build_policy(cfg, device=torch.device("cpu"))
+    assert policy.config.hidden_size == 16 and not policy.has_lora
+    save_policy(policy, tmp_path / "p")
+    cfg.path, cfg.lora_r = str(tmp_path / "p"), 4
+    again = build_policy(cfg, device=torch.device("cpu"))
+    assert again.has_lora
+    with pytest.raises(FileNotFoundError, match="policy.path"):
+        cfg.path = str(tmp_path)
+        build_policy(cfg, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not TINY_OFT.is_dir(), reason="the tiny OpenVLA-OFT checkpoint lives in ../shared/golden")
+def test_openvla_oft_from_config_and_saved_full_weights(tmp_path):
+    cfg = load_config(["policy.name=openvla_oft", f"policy.path={TINY_OFT}", "policy.lora_r=0"]).policy
+    policy = build_policy(cfg, device=torch.device("cpu"))
+    assert policy.config.action_token_start == 31744
+    save_policy(policy, tmp_path / "saved")
+    cfg.path = str(tmp_path / "saved")
+    reloaded = build_policy(cfg, device=torch.device("cpu"))
+    for (name, a), (_, b) in zip(policy.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    cfg.path = None
+    with pytest.raises(FileNotFoundError, match="policy.path is required"):
+        build_policy(cfg, device=torch.device("cpu"))
