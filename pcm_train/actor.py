@@ -15,6 +15,7 @@ from verl import DataProto
 
 import pcm_kernels as pk
 from pcm_train.config import ActorSection
+from pcm_train.distributed import DistInfo, all_reduce_gradients, shard_by_trajectory
 from pcm_train.grpo import policy_loss
 from pcm_train.memory import SavedActivations, peak_memory_bytes, reset_peak_memory
 
@@ -127,12 +128,18 @@ def accumulate_gradients(policy: torch.nn.Module, kept: DataProto, cfg: ActorSec
 
 
 def update_actor(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, kept: DataProto,
-                 cfg: ActorSection) -> tuple[UpdateStats, dict, torch.Tensor]:
+                 cfg: ActorSection, dist_info: DistInfo | None = None) -> tuple[UpdateStats, dict, torch.Tensor]:
     """One optimizer step per PPO epoch on the kept chunks (``shrink_batch`` output).
 
-    Returns (stats, loss metrics averaged over epochs, new log-probs float [N, C * A] of the last
-    epoch in SimpleVLA-RL's layout: scattered back from the kept chunks, zeros elsewhere).
+    With ``dist_info`` of K ranks (every rank passing the same ``kept``), each rank trains its share
+    of the trajectories and the gradients are summed, so K ranks make the single-process update.
+    Returns (stats of this rank's share, loss metrics averaged over epochs, new log-probs float
+    [N, C * A] of the last epoch in SimpleVLA-RL's layout: scattered back from the kept chunks,
+    zeros elsewhere, complete on every rank).
     """
+    info = dist_info or DistInfo()
+    full = kept
+    kept = shard_by_trajectory(full, info.rank, info.world_size)
     device = kept.batch["responses"].device
     mask = kept.batch["response_mask"]
     reset_peak_memory(device)
@@ -146,6 +153,8 @@ def update_actor(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, kept
     for _ in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         acc, epoch_metrics = accumulate_gradients(policy, kept, cfg, new_log_probs)
+        if info.enabled:
+            all_reduce_gradients(trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         totals.forward_s += acc.forward_s
@@ -162,6 +171,11 @@ def update_actor(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, kept
         backward_time_s=totals.backward_s, chunks=int(mask.shape[0]), tokens=int(mask.sum()),
         activation_bytes=totals.activation_peak, activation_bytes_total=totals.activation_total,
         peak_memory_bytes=peak_memory_bytes(device), grad_norm=float(grad_norm), loss=totals.loss)
-    rows = kept.meta_info["rows"]
+    rows = full.meta_info["rows"]
+    if info.enabled:
+        every_row = torch.zeros(full.batch["response_mask"].shape, dtype=torch.float32, device=device)
+        every_row[kept.meta_info["rows_in_full_batch"]] = new_log_probs
+        torch.distributed.all_reduce(every_row)
+        new_log_probs = every_row
     dense = pk.scatter_chunks(new_log_probs, rows).reshape(rows.num_trajectories, -1)
     return stats, metrics, dense

@@ -8,6 +8,12 @@ is the paper's configuration (OpenVLA-OFT on GPUs). Any config key can be set,
 e.g. ``pcm.strategy=full pcm.budget=8 trainer.total_steps=20
 trainer.output_dir=runs/full``. ``resume=RUN_DIR`` continues a run from its last
 checkpoint (its saved config, then your overrides). Ctrl-C saves and exits.
+
+Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
+rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
+each rank trains its share of the trajectories and the gradients are summed,
+so K GPUs make the same update as one (``pcm_train.distributed``). Run
+directories must be on a filesystem every rank can read.
 Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/``, ``report/`` (plots and summary.md).
 """
@@ -55,21 +61,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(resolve_overrides(argv))
+        from pcm_train.distributed import init_distributed
         from pcm_train.trainer import Trainer, make_env_pool
 
-        if cfg.env.camera:
+        dist_info = init_distributed()
+        if cfg.env.camera and dist_info.is_main:
             from pcm_train.envs.libero import choose_renderer
 
             choose_renderer()
-        trainer = Trainer(cfg, make_env_pool)
+        trainer = Trainer(cfg, make_env_pool, dist_info)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"run directory: {trainer.run_dir.resolve()}", file=sys.stderr)
+    if dist_info.is_main:
+        print(f"run directory: {trainer.run_dir.resolve()}", file=sys.stderr)
     try:
         finished = trainer.run()
     finally:
         trainer.close()
+    if not dist_info.is_main:
+        return 0 if finished else 130
     from pcm_train.report import write_report
 
     try:

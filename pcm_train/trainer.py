@@ -14,6 +14,7 @@ from pcm_train import checkpoint as ckpt
 from pcm_train.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict
 from pcm_train.controller import PCMController
+from pcm_train.distributed import DistInfo, broadcast_object
 from pcm_train.grpo import grpo_advantages, token_mask
 from pcm_train.metrics_log import MetricsLog
 from pcm_train.policies.factory import build_policy
@@ -43,39 +44,49 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
                          num_steps_wait=cfg.rollout.num_steps_wait)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
+    """``auto`` picks CUDA when present; under torchrun each rank takes its local GPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={name} but this machine has no CUDA device; use trainer.device=cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist_info.enabled:
+        return torch.device("cuda", dist_info.local_rank)
     return torch.device(name)
 
 
 class Trainer:
     """Owns the policy, optimizer, controller, RNGs and env pool of one run directory."""
 
-    def __init__(self, cfg: PCMTrainConfig, pool_factory):
+    def __init__(self, cfg: PCMTrainConfig, pool_factory, dist_info: DistInfo | None = None):
         self.cfg = cfg
+        self.dist = dist_info or DistInfo()
         self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = resolve_device(cfg.trainer.device, self.dist)
         resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.trainer.seed)
         self.policy = self._build_policy(resume_from)
+        if self.dist.enabled:  # every rank starts from rank 0's weights
+            for tensor in self.policy.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         self.optimizer = make_optimizer(self.policy, cfg.actor)
         self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
         self.episode_rng = np.random.default_rng(cfg.trainer.seed)
         self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
         self.step = 0
         self.wall_time_s = 0.0
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
         if resume_from is not None:
             self._load(resume_from)
-        else:
+        elif self.metrics is not None:
             self.metrics.truncate_after(-1)
-        (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         self.tasks = self._task_ids()
-        self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
+        self.pool = None
+        if self.dist.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+            self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
         self._stop = False
 
     # ----- setup -----
@@ -86,7 +97,7 @@ class Trainer:
         if resume_from is None:
             policy = build_policy(type(cfg)(**{**vars(cfg), "lora_r": 0}), device=self.device,
                                   gradient_checkpointing=gc)
-            if cfg.path is None:  # adapters and resumes need these exact starting weights
+            if cfg.path is None and self.dist.is_main:  # adapters and resumes need these starting weights
                 policy.save_pretrained(str(base))
             if cfg.lora_r > 0:
                 policy.add_lora(cfg.lora_r, cfg.lora_alpha)
@@ -123,7 +134,8 @@ class Trainer:
         ckpt.set_rng_states(state["rng"])
         self.step = state["step"] + 1
         self.wall_time_s = state["wall_time_s"]
-        self.metrics.truncate_after(state["step"])
+        if self.metrics is not None:
+            self.metrics.truncate_after(state["step"])
 
     # ----- episodes -----
 
@@ -149,7 +161,8 @@ class Trainer:
                                 temperature=self.cfg.actor.temperature, greedy=greedy,
                                 generator=self.action_generator, desc=desc, should_stop=lambda: self._stop)
 
-    def train_step(self) -> dict:
+    def collect(self) -> dict:
+        """Rank 0: rollouts, GRPO advantages, PCM selection. Returns what every rank needs to learn."""
         cfg = self.cfg
         started = time.perf_counter()
         batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout")
@@ -158,18 +171,29 @@ class Trainer:
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
         advantages = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
         batch.batch["advantages"] = advantages
-        batch = batch.to(self.device)
-        kept, selection = pcm_shrink_batch(batch, self.controller,
+        kept, selection = pcm_shrink_batch(batch.to(self.device), self.controller,
                                            action_token_start=self.policy.config.action_token_start,
                                            action_chunk=L, action_dim=D)
-        stats, loss_metrics, _ = update_actor(self.policy, self.optimizer, kept, cfg.actor)
+        if self.dist.enabled:  # broadcast travels through the CPU
+            kept = _batch_to(kept, torch.device("cpu"))
         row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
-               "rollout_time_s": rollout_time, "update_time_s": stats.update_time_s,
-               "forward_time_s": stats.forward_time_s, "backward_time_s": stats.backward_time_s,
-               "chunks_kept": stats.chunks, "tokens": stats.tokens, "activation_bytes": stats.activation_bytes,
-               "peak_memory_bytes": stats.peak_memory_bytes, "grad_norm": stats.grad_norm,
+               "rollout_time_s": rollout_time,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
-               **_advantage_stats(advantages, mask), **loss_metrics, **selection.metrics}
+               **_advantage_stats(advantages, mask), **selection.metrics}
+        return {"kept": kept, "row": row, "started": started}
+
+    def learn(self, payload: dict) -> dict:
+        """Every rank: the actor update on its share of the kept chunks; the step's metrics row."""
+        kept = _batch_to(payload["kept"], self.device)
+        stats, loss_metrics, _ = update_actor(self.policy, self.optimizer, kept, self.cfg.actor, self.dist)
+        return {**payload["row"], "update_time_s": stats.update_time_s, "forward_time_s": stats.forward_time_s,
+                "backward_time_s": stats.backward_time_s, "chunks_kept": stats.chunks, "tokens": stats.tokens,
+                "activation_bytes": stats.activation_bytes, "peak_memory_bytes": stats.peak_memory_bytes,
+                "grad_norm": stats.grad_norm, **loss_metrics}
+
+    def finish(self, row: dict, started: float) -> dict:
+        """Rank 0: validation when due, then the step's timing split."""
+        cfg = self.cfg
         if cfg.trainer.val_every and ((self.step + 1) % cfg.trainer.val_every == 0
                                       or self.step + 1 == cfg.trainer.total_steps):
             val_started = time.perf_counter()
@@ -177,9 +201,14 @@ class Trainer:
             row["val/success_rate"] = float(val.batch["complete"].float().mean())
             row["val_time_s"] = time.perf_counter() - val_started
         row["step_time_s"] = time.perf_counter() - started
-        row["rollout_share"] = rollout_time / row["step_time_s"]
-        row["update_share"] = stats.update_time_s / row["step_time_s"]
+        row["rollout_share"] = row["rollout_time_s"] / row["step_time_s"]
+        row["update_share"] = row["update_time_s"] / row["step_time_s"]
         return row
+
+    def train_step(self) -> dict:
+        """One whole step in a single process."""
+        payload = self.collect()
+        return self.finish(self.learn(payload), payload["started"])
 
     # ----- the loop -----
 
@@ -192,39 +221,58 @@ class Trainer:
         self._stop = True
         tqdm.write("stopping after a safe point (Ctrl-C again to abort without saving)")
 
+    def _distributed_step(self) -> dict:
+        """Rank 0 collects and broadcasts; every rank learns; rank 0 validates. A stop travels as None."""
+        payload = None
+        if self.dist.is_main:
+            try:
+                payload = self.collect()
+            except StopRequested:
+                payload = None
+        payload = broadcast_object(payload, self.dist)
+        if payload is None:
+            raise StopRequested
+        row = self.learn(payload)
+        return self.finish(row, payload["started"]) if self.dist.is_main else row
+
     def run(self) -> bool:
         """Train to ``total_steps``; returns False when stopped early by Ctrl-C (state saved)."""
         cfg = self.cfg.trainer
+        main = self.dist.is_main
         previous = signal.signal(signal.SIGINT, self._request_stop)
         saved_step = None
         try:
             progress = tqdm(range(self.step, cfg.total_steps), desc="training", unit="step", initial=self.step,
-                            total=cfg.total_steps)
+                            total=cfg.total_steps, disable=not main)
             for step in progress:
                 self.step = step
                 snapshot = (self.controller.state_dict(), self.episode_rng.bit_generator.state,
                             self.action_generator.get_state(), ckpt.rng_states())
                 try:
-                    row = self.train_step()
+                    row = self._distributed_step() if self.dist.enabled else self.train_step()
                 except StopRequested:
                     self._restore(snapshot)
                     self.step = step - 1
-                    if step > 0 and saved_step != self.step:
+                    if main and step > 0 and saved_step != self.step:
                         self.save()
                     return False
-                self.wall_time_s += row["step_time_s"]
-                row["wall_time_s"] = self.wall_time_s
-                self.metrics.write(row)
-                progress.set_postfix(success=f"{row['success_rate']:.2f}", update_s=f"{row['update_time_s']:.2f}")
-                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.total_steps or self._stop:
-                    self.save()
-                    saved_step = step
+                self._stop = broadcast_object(self._stop, self.dist)
+                if main:
+                    self.wall_time_s += row["step_time_s"]
+                    row["wall_time_s"] = self.wall_time_s
+                    self.metrics.write(row)
+                    progress.set_postfix(success=f"{row['success_rate']:.2f}", update_s=f"{row['update_time_s']:.2f}")
+                    if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.total_steps \
+                            or self._stop:
+                        self.save()
+                        saved_step = step
                 if self._stop:
                     return False
             return True
         finally:
             signal.signal(signal.SIGINT, previous)
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _restore(self, snapshot) -> None:
         controller, episode_rng, action_gen, rng = snapshot
@@ -234,7 +282,22 @@ class Trainer:
         ckpt.set_rng_states(rng)
 
     def close(self) -> None:
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _batch_to(kept, device: torch.device):
+    """A shrunk batch with its tensors, meta_info tensors and packing layout on ``device``."""
+    import dataclasses
+
+    kept = kept.to(device)
+    meta = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kept.meta_info.items()}
+    rows = meta["rows"]
+    meta["rows"] = dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device)
+                                                for f in dataclasses.fields(rows)
+                                                if isinstance(getattr(rows, f.name), torch.Tensor)})
+    kept.meta_info = meta
+    return kept
 
 
 def _advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -1,0 +1,104 @@
+"""Two gloo processes make the same actor update as one process."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pcm_train.actor import make_optimizer, update_actor
+from pcm_train.config import load_config
+from pcm_train.controller import PCMController
+from pcm_train.distributed import DistInfo, shard_by_trajectory
+from pcm_train.policies import SmallVLA, SmallVLAConfig
+from pcm_train.simplevla import pcm_shrink_batch
+from pcm_train.synthetic import synthetic_rollout_batch
+
+OVERRIDES = ["pcm.budget=3", "actor.lr=1e-2"]
+
+
+def _setup():
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    batch = synthetic_rollout_batch(policy, num_prompts=2, group_size=3, num_chunks=8, seed=2)
+    policy.add_lora(4, 4)
+    cfg = load_config(OVERRIDES)
+    kept, _ = pcm_shrink_batch(batch, PCMController(cfg.pcm, seed=0),
+                               action_token_start=policy.config.action_token_start)
+    return policy, cfg, kept
+
+
+def _trained(policy, cfg, kept, info):
+    torch.manual_seed(1)
+    _, _, log_probs = update_actor(policy, make_optimizer(policy, cfg.actor), kept, cfg.actor, info)
+    return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, log_probs
+
+
+def _worker(rank, world_size, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        policy, cfg, kept = _setup()
+        params, log_probs = _trained(policy, cfg, kept, DistInfo(rank, world_size, 0))
+        torch.save({"params": params, "log_probs": log_probs}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path):
+    policy, cfg, kept = _setup()
+    single, single_log_probs = _trained(policy, cfg, kept, None)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"out.{rank}")
+        assert result["params"].keys() == single.keys()
+        for name, value in single.items():
+            torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(result["log_probs"], single_log_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_shards_split_trajectories():
+    _, _, kept = _setup()
+    shards = [shard_by_trajectory(kept, r, 2) for r in range(2)]
+    assert sum(len(s.batch["traj_index"]) for s in shards) == len(kept.batch["traj_index"])
+    assert set(shards[0].batch["traj_index"].tolist()).isdisjoint(shards[1].batch["traj_index"].tolist())
+    assert all(torch.equal(s.meta_info["traj_token_counts"], kept.meta_info["traj_token_counts"]) for s in shards)
+
+
+def _trainer_worker(rank, world_size, store, overrides):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fake_env import fake_pool_factory
+
+    from pcm_train.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        trainer = Trainer(load_config(overrides), fake_pool_factory(close_steps=6), DistInfo(rank, world_size, 0))
+        assert trainer.run()
+        trainer.close()
+        assert (trainer.pool is None) == (rank != 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_trainer_equals_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from fake_env import fake_pool_factory
+    from pcm_train.checkpoint import latest_checkpoint
+    from pcm_train.metrics_log import read_metrics
+    from pcm_train.trainer import Trainer
+    from test_trainer import TINY
+
+    single = Trainer(load_config(TINY + [f"trainer.output_dir={tmp_path / 'one'}"]), fake_pool_factory(close_steps=6))
+    single.run()
+    single.close()
+    overrides = TINY + [f"trainer.output_dir={tmp_path / 'two'}"]
+    mp.spawn(_trainer_worker, args=(2, str(tmp_path / "store"), overrides), nprocs=2, join=True)
+    a = load_file(latest_checkpoint(tmp_path / "one") / "policy" / "adapter_model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "two") / "policy" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["success_rate"] for r in rows_one] == [r["success_rate"] for r in rows_two]
