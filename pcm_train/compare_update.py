@@ -2,6 +2,7 @@
 
     python -m pcm_train.compare_update [--budget 12] [--num-prompts 2] [--group-size 4]
         [--hidden 64] [--layers 2] [--device cpu|cuda] [--repeats 3] [--json]
+        [--policy openvla_oft --checkpoint DIR | --policy openvla_oft --real-size]
 
 Builds a rollout-shaped batch (realistic gripper phases, mixed success in every
 group), then times three updates from identical starting weights: SimpleVLA-RL's
@@ -40,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=64, help="small VLA width (default 64)")
     ap.add_argument("--layers", type=int, default=2, help="small VLA decoder layers (default 2)")
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--policy", choices=("small_vla", "openvla_oft"), default="small_vla")
+    ap.add_argument("--checkpoint", default=None, help="OpenVLA-OFT checkpoint folder (with --policy openvla_oft)")
+    ap.add_argument("--real-size", action="store_true",
+                    help="with --policy openvla_oft: the 7B model's shapes with random weights (a GPU job)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="policy dtype (default: float32 on the CPU, bfloat16 on CUDA)")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank, 0 = train every weight (default 8)")
     ap.add_argument("--micro-batch", type=int, default=1, help="trajectories per forward/backward (default 1)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward")
@@ -55,20 +62,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--group-size must be >= 2 (GRPO needs a group)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device on this machine")
+    if args.policy == "openvla_oft" and (args.checkpoint is None) == (not args.real_size):
+        ap.error("--policy openvla_oft needs exactly one of --checkpoint DIR or --real-size")
+    if args.policy == "small_vla" and (args.checkpoint or args.real_size):
+        ap.error("--checkpoint / --real-size go with --policy openvla_oft")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return args
 
 
-def _policy(args) -> SmallVLA:
-    heads = max(1, args.hidden // 16)
-    config = SmallVLAConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
-                            intermediate_size=args.hidden * 2, image_size=args.image_size)
-    torch.manual_seed(args.seed)
-    policy = SmallVLA(config).to(args.device)
+def _policy(args):
+    if args.policy == "openvla_oft":
+        from pcm_train.policies.openvla_oft import OpenVLAOFT, real_size_config
+
+        dtype = getattr(torch, args.dtype)
+        policy = (OpenVLAOFT.random_init(real_size_config(), dtype=dtype, device=args.device, seed=args.seed)
+                  if args.real_size else OpenVLAOFT.from_checkpoint(args.checkpoint, dtype=dtype, device=args.device))
+    else:
+        policy = _small_policy(args)
     if args.lora_r:
         policy.add_lora(args.lora_r, args.lora_r)
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy
+
+
+def _small_policy(args) -> SmallVLA:
+    heads = max(1, args.hidden // 16)
+    config = SmallVLAConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=heads,
+                            intermediate_size=args.hidden * 2, image_size=args.image_size)
+    torch.manual_seed(args.seed)
+    return SmallVLA(config).to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
 def _kept_batches(policy, batch, args):
@@ -120,8 +143,10 @@ def run(args) -> dict:
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "budget": args.budget, "trajectories": args.num_prompts * args.group_size, "chunks_per_trajectory": args.chunks,
         "valid_chunks_per_trajectory": selection.metrics["pcm/valid_chunks_per_traj"],
-        "policy": {"hidden": args.hidden, "layers": args.layers, "image_size": args.image_size,
-                   "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing},
+        "policy": {"name": args.policy, "checkpoint": args.checkpoint, "real_size": args.real_size,
+                   "dtype": args.dtype, "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
+                   **({"hidden": args.hidden, "layers": args.layers, "image_size": args.image_size}
+                      if args.policy == "small_vla" else {})},
         "micro_batch_trajectories": args.micro_batch, "repeats": args.repeats,
         "modes": results,
         "update_time_ratio": full["update_time_s"] / pcm["update_time_s"],

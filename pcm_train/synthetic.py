@@ -46,7 +46,10 @@ def synthetic_rollout_batch(policy, *, num_prompts: int = 2, group_size: int = 4
     N = num_prompts * group_size
     device = policy.device
     tasks = [TASKS[i % len(TASKS)] for i in range(num_prompts) for _ in range(group_size)]
-    ids, attn = policy.encode_prompts(tasks)
+    try:
+        ids, attn = policy.encode_prompts(tasks)
+    except FileNotFoundError:  # a checkpoint without tokenizer files: made-up prompt ids of a typical length
+        ids, attn = policy.placeholder_prompts(len(tasks), generator=gen)
     P = ids.shape[1]
     success = torch.zeros(N, dtype=torch.bool)
     for g in range(num_prompts):

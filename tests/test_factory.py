@@ -38,3 +38,19 @@ def test_openvla_oft_from_config_and_saved_full_weights(tmp_path):
     cfg.path = None
     with pytest.raises(FileNotFoundError, match="policy.path is required"):
         build_policy(cfg, device=torch.device("cpu"))
+
+
+@pytest.mark.skipif(not TINY_OFT.is_dir(), reason="the tiny OpenVLA-OFT checkpoint lives in ../shared/golden")
+def test_compare_update_on_the_tiny_openvla_oft(capsys):
+    import json
+
+    from pcm_train import compare_update
+
+    assert compare_update.main(["--policy", "openvla_oft", "--checkpoint", str(TINY_OFT), "--chunks", "6",
+                                "--num-prompts", "1", "--group-size", "2", "--repeats", "1", "--budget", "2",
+                                "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["policy"]["name"] == "openvla_oft" and report["modes"]["pcm"]["chunks"] <= 4
+    assert report["modes"]["full"]["activation_bytes"] > report["modes"]["pcm"]["activation_bytes"] > 0
+    with pytest.raises(SystemExit):
+        compare_update.parse_args(["--policy", "openvla_oft"])

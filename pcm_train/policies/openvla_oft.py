@@ -22,7 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
-from pcm_train.policies.openvla_processor import BOS_ID, PAD_ID, PROMPT_END_ID, STOP_ID, OpenVLAProcessor
+from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID, STOP_ID, OpenVLAProcessor,
+                                                  load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec
 from pcm_train.policies.small_vla import LORA_TARGET_MODULES, _check_int_tensor, _check_pixels
 from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
@@ -64,6 +65,18 @@ class OpenVLAOFTConfig:
     @property
     def num_patches(self) -> int:
         return self.vision[0].num_patches
+
+
+def real_size_config() -> dict:
+    """``config.json`` fields of the 7B OpenVLA-OFT (DINOv2 ViT-L + SigLIP so400m, Llama-2 7B), with
+    placeholder LIBERO action statistics: for ``OpenVLAOFT.random_init``."""
+    stats = {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}
+    return {"model_type": "openvla", "use_fused_vision_backbone": True, "use_proprio": False,
+            "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+            "timm_override_act_layers": [None, None], "image_sizes": [224, 224], "n_action_bins": NUM_ACTION_BINS,
+            "pad_to_multiple_of": 64, "pad_token_id": PAD_ID,
+            "text_config": {"model_type": "llama", "vocab_size": 32064, "pad_token_id": PAD_ID},
+            "norm_stats": {"libero_object_no_noops": {"action": stats}}}
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -249,6 +262,27 @@ class OpenVLAOFT(nn.Module):
         if lora is not None:
             model.add_lora(*lora)
         return model
+
+    @classmethod
+    def random_init(cls, raw: dict, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                    seed: int = 0) -> "OpenVLAOFT":
+        """A model of ``raw``'s sizes (a parsed ``config.json``, e.g. ``real_size_config()``) with random
+        weights and default image normalization, for timing and memory measurements."""
+        config = parse_config(raw, raw["norm_stats"], None)
+        processor = OpenVLAProcessor(*load_normalization("<none>"), None)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls(config, processor, Path("<random>")).to(dtype)
+        for parameter in model.unused_parameters():
+            parameter.requires_grad_(False)
+        return model.eval()
+
+    def placeholder_prompts(self, count: int, length: int = 24, generator: torch.Generator | None = None):
+        """(input_ids int64 [count, length], attention_mask) of made-up text ids, BOS ... 29871, for
+        measurements on a checkpoint without tokenizer files."""
+        ids = torch.randint(3, PROMPT_END_ID, (count, length), generator=generator)
+        ids[:, 0], ids[:, -1] = BOS_ID, PROMPT_END_ID
+        return ids.to(self.device), torch.ones_like(ids, device=self.device)
 
     @property
     def device(self) -> torch.device:
