@@ -1,8 +1,9 @@
-"""Triton's ``tl.rand(seed, offset)`` reproduced in torch.
+"""Triton's ``tl.rand(seed, offset)`` reproduced in torch: the reference for the kernels' RNG.
 
 Philox-4x32-10 on int64 tensors holding uint32 values, then Triton's
-uint-to-float mapping, so the torch path draws exactly the uniforms the
-Triton kernels draw for the same seed: CPU and GPU runs sample the same chunks.
+uint-to-float mapping. The tests feed these uniforms to the torch sampling path
+to check the Triton kernels draw for draw; ``draw_seed`` gives the kernels
+their seed without a host synchronization.
 """
 import torch
 

@@ -9,6 +9,7 @@ from scipy import stats
 import pcm_kernels as pk
 from pcm_kernels._philox import philox_uniform
 from pcm_kernels.sampling import naive
+from pcm_kernels.sampling import vectorized
 from pcm_kernels.sampling.kernels import launch_sample_chunks, launch_select_chunks
 from pcm_kernels.sampling.vectorized import race_keys
 
@@ -50,8 +51,7 @@ def test_torch_matches_loop(gen):
     state = gen.get_state()
     got = pk.sample_chunks(weights, B, num_chunks, generator=gen)
     gen.set_state(state)
-    seed = torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
-    uniforms = philox_uniform(seed, torch.arange(N * C).view(N, C))
+    uniforms = torch.rand(N, C, generator=gen)
     assert torch.equal(got, naive.sample_rows(weights, uniforms, B, num_chunks))
 
 
@@ -63,17 +63,16 @@ def test_triton_matches_torch(budget, dtype, gen, use_backend):
     weights[0] = 0.0  # all-zero weights: an empty row
     num_chunks = torch.randint(1, C + 1, (N,), generator=gen)
     num_chunks[1] = 1
-    state = gen.get_state()
-    use_backend("torch")
-    expected = pk.sample_chunks(weights, budget, num_chunks, generator=gen)
-    gen.set_state(state)
     seed = torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
+    uniforms = philox_uniform(seed, torch.arange(N * C).view(N, C))
+    eligible = (torch.arange(C) < num_chunks[:, None]) & (weights > 0)
+    expected = vectorized.sample(weights, eligible, budget, uniforms)
+    assert torch.equal(expected, naive.sample_rows(weights, uniforms, budget, num_chunks))
     use_backend("triton")
     out = torch.full((N, budget), 77, dtype=torch.int64)
     launch_sample_chunks(weights, num_chunks, seed, out)
     assert not (out == 77).any(), "every index element must be written"
-    eligible = (torch.arange(C) < num_chunks[:, None]) & (weights > 0)
-    _check_same_draw(out, expected, race_keys(weights, eligible, seed), budget)
+    _check_same_draw(out, expected, race_keys(weights, eligible, uniforms), budget)
     assert (out[0] == -1).all()
     assert (out[1, 1:] == -1).all()
 
@@ -157,17 +156,18 @@ def test_select_triton_matches_torch(gen, use_backend):
     steps = torch.randint(0, C * L + 1, (N,), generator=gen)
     steps[0] = 0
     keep = torch.tensor([0.3, 0.9, 1.0, 0.6, 0.1])
-    use_backend("torch")
-    ref_labels, ref_index = pk.select_chunks(gripper, steps, keep, B, generator=torch.Generator().manual_seed(4))
+    ref_labels = pk.label_phases(gripper, steps)
+    ref_weights = torch.where(ref_labels >= 0, keep[ref_labels.long().clamp(min=0)], 0.0)
     seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4), dtype=torch.int64)
+    uniforms = philox_uniform(seed, torch.arange(N * C).view(N, C))
+    ref_index = vectorized.sample(ref_weights, ref_weights > 0, B, uniforms)
     use_backend("triton")
     labels = torch.full((N, C), 55, dtype=torch.int8)
     index = torch.full((N, B), 55, dtype=torch.int64)
     launch_select_chunks(gripper, steps, keep, seed, labels, index, 0.0, 0.75, 0.5, 0.1, 3)
     assert not (labels == 55).any() and not (index == 55).any()
     assert torch.equal(labels, ref_labels)
-    weights = torch.where(labels >= 0, keep[labels.long().clamp(min=0)], 0.0)
-    _check_same_draw(index, ref_index, race_keys(weights, weights > 0, seed), B)
+    _check_same_draw(index, ref_index, race_keys(ref_weights, ref_weights > 0, uniforms), B)
     assert (index[0] == -1).all()
 
 

@@ -29,7 +29,9 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         weights: float [N, C] non-negative finite weights (any float dtype, any strides).
         budget: chunks to draw per trajectory, >= 1.
         num_chunks: int [N] valid chunks per trajectory (default C).
-        generator: torch.Generator on the weights' device; same state, same draw.
+        generator: torch.Generator on the weights' device; same state, same draw (on a given
+            backend: the Triton kernels regenerate their uniforms from a seed drawn from it,
+            the torch path draws them with ``torch.rand``).
         validate: check weights for NaN/inf/negatives. On CUDA this costs one host
             synchronization; pass False for a sync-free call.
 
@@ -47,14 +49,14 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         check_same_device(weights=weights, num_chunks=num_chunks)
         num_chunks = num_chunks.to(torch.int64)
     _check_weights("weights", weights, validate)
-    seed = draw_seed(generator, weights.device)
     if resolve_backend(weights.device) == "triton" and C > 0:
         from .kernels import launch_sample_chunks
 
         out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
-        return launch_sample_chunks(weights, num_chunks, seed, out)
+        return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out)
     eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
-    return vectorized.sample(weights, eligible, budget, seed)
+    uniforms = torch.rand(N, C, generator=generator, device=weights.device)
+    return vectorized.sample(weights, eligible, budget, uniforms)
 
 
 def _keep_probs_tensor(keep_probs, device) -> torch.Tensor:
@@ -75,7 +77,7 @@ def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
 
     The path the trainer uses: one kernel launch on CUDA. Same distribution as
     ``label_phases`` then ``sample_chunks(keep_probs[labels], budget, ...)``, and the same draw
-    for the same generator state.
+    for the same generator state on the same backend.
 
     Args:
         gripper: float [N, C, L] executed env-space gripper commands (see ``label_phases``).
@@ -91,15 +93,15 @@ def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
     check_int("budget", budget, minimum=1)
     keep = _keep_probs_tensor(keep_probs, gripper.device)
     N, C, _ = gripper.shape
-    seed = draw_seed(generator, gripper.device)
     if resolve_backend(gripper.device) == "triton" and C > 0:
         from .kernels import launch_select_chunks
 
         labels = torch.empty(N, C, dtype=torch.int8, device=gripper.device)
         index = torch.empty(N, budget, dtype=torch.int64, device=gripper.device)
-        return launch_select_chunks(gripper, num_steps, keep, seed, labels, index,
+        return launch_select_chunks(gripper, num_steps, keep, draw_seed(generator, gripper.device), labels, index,
                                     close_above, sustain, grip, low, window)
     labels = phase_vectorized.label_phases(gripper, num_steps, close_above, sustain, grip, low, window)
     labeled = labels >= 0
     weights = torch.where(labeled, keep[labels.long().clamp(min=0)], 0.0)
-    return labels, vectorized.sample(weights, labeled & (weights > 0), budget, seed)
+    uniforms = torch.rand(N, C, generator=generator, device=gripper.device)
+    return labels, vectorized.sample(weights, labeled & (weights > 0), budget, uniforms)
