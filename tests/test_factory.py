@@ -54,3 +54,26 @@ def test_compare_update_on_the_tiny_openvla_oft(capsys):
     assert report["modes"]["full"]["activation_bytes"] > report["modes"]["pcm"]["activation_bytes"] > 0
     with pytest.raises(SystemExit):
         compare_update.parse_args(["--policy", "openvla_oft"])
+
+
+@pytest.mark.skipif(not TINY_OFT.is_dir(), reason="the tiny OpenVLA-OFT checkpoint lives in ../shared/golden")
+def test_merge_lora_cli_writes_a_checkpoint_with_the_trained_logits(tmp_path):
+    from pcm_train import merge_lora
+    from pcm_train.policies.openvla_oft import OpenVLAOFT
+
+    trained = OpenVLAOFT.from_checkpoint(TINY_OFT, dtype=torch.float32, lora=(4, 4))
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trained.save_lora(str(tmp_path / "adapters"))
+    assert merge_lora.main([str(TINY_OFT), str(tmp_path / "adapters"), str(tmp_path / "merged"),
+                            "--dtype", "float32"]) == 0
+    merged = OpenVLAOFT.from_checkpoint(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([[1, 450, 3, 29871]])
+    pixels = torch.randn(1, 6, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.action_logits(ids, torch.ones_like(ids), pixels)
+        torch.testing.assert_close(merged.action_logits(ids, torch.ones_like(ids), pixels), expected,
+                                   rtol=1e-4, atol=1e-4)
+    assert merge_lora.main([str(TINY_OFT), str(tmp_path), str(tmp_path / "m2")]) == 2
