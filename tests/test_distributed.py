@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pcm_train.actor import make_optimizer, update_actor
+from pcm_train.actor import update_actor
 from pcm_train.config import load_config
 from pcm_train.controller import PCMController
 from pcm_train.distributed import DistInfo, shard_by_trajectory
@@ -27,8 +27,11 @@ def _setup():
 
 
 def _trained(policy, cfg, kept, info):
+    """One update with plain SGD (lr 1): the parameter change is the clipped gradient itself, so the
+    comparison checks gradients; Adam would amplify rounding on near-zero gradients."""
     torch.manual_seed(1)
-    _, _, log_probs = update_actor(policy, make_optimizer(policy, cfg.actor), kept, cfg.actor, info)
+    sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+    _, _, log_probs = update_actor(policy, sgd, kept, cfg.actor, info)
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, log_probs
 
 
