@@ -24,6 +24,7 @@ LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean")
 DTYPES = ("float32", "bfloat16", "float16")
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 POLICIES = ("small_vla", "openvla_oft")
+OBSERVATIONS = ("image", "state")  # small_vla's observation encoders (docs/state_mode.md)
 NUM_PHASES = 5
 
 # Overrides each preset applies before the command line's own.
@@ -150,6 +151,7 @@ class PolicySection:
     hidden_size: int = 64  # small_vla decoder width
     num_layers: int = 2  # small_vla decoder layers
     image_size: int = 32  # small_vla input image side (the env renders at this size)
+    observation: str = "image"  # one of OBSERVATIONS; "state" needs env.camera=false (docs/state_mode.md)
     lora_r: int = 32  # 0 = no LoRA adapters
     lora_alpha: int = 32
     dtype: str = "float32"  # one of DTYPES
@@ -159,6 +161,7 @@ class PolicySection:
         _at_least(f"{prefix}.hidden_size", self.hidden_size, 8)
         _at_least(f"{prefix}.num_layers", self.num_layers, 1)
         _at_least(f"{prefix}.image_size", self.image_size, 8)
+        _one_of(f"{prefix}.observation", self.observation, OBSERVATIONS)
         _at_least(f"{prefix}.lora_r", self.lora_r, 0)
         _above(f"{prefix}.lora_alpha", self.lora_alpha, 0)
         _one_of(f"{prefix}.dtype", self.dtype, DTYPES)

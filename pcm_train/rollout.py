@@ -3,8 +3,9 @@
 The policy acts once per chunk for every active episode at once; the env pool
 executes the chunk's L steps in each env (stopping at success) and returns the
 new observations. Chunks never reached are filled as SimpleVLA-RL does: the
-episode's prompt, a blank image, a neutral action token, log-prob 0; they are
-invalid (``finish_step``) and never trained on.
+episode's prompt, a blank observation (zeros), a neutral action token, log-prob 0;
+they are invalid (``finish_step``) and never trained on. Observations become model inputs
+through ``policy.observations_to_inputs`` (images, or states for a state-mode policy).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
                      greedy: bool = False, generator: torch.Generator | None = None,
                      desc: str = "rollout", should_stop=lambda: False) -> DataProto:
     """Run every episode to success or ``max_chunks`` chunks; returns the batch (LAYOUT.md keys plus
-    ``gripper`` float [E, C, L], the executed env-space gripper commands).
+    ``gripper`` float [E, C, L], the executed env-space gripper commands). ``pixel_values`` is float
+    [E, C, *row] with row = the policy's input per chunk ([C, H, W] images or [state_dim] states).
 
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
     ``pcm_train.trainer.StopRequested`` (a half-recorded batch is never returned)."""
@@ -53,15 +55,14 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
     input_ids, attention_mask = policy.encode_prompts([o["language"] for o in observations])
     P = input_ids.shape[1]
-    pixels0 = policy.pixel_values_from_images(np.stack([o["image"] for o in observations]))
+    current = policy.observations_to_inputs(observations)
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
     old_log_probs = torch.zeros(E, C, A)
-    pixel_values = torch.zeros((E, C) + tuple(pixels0.shape[1:]))
+    pixel_values = torch.zeros((E, C) + tuple(current.shape[1:]))
     gripper = torch.full((E, C, L), -1.0)
     finish_step = torch.zeros(E, dtype=torch.int64)
     complete = torch.zeros(E, dtype=torch.bool)
     active = np.ones(E, dtype=bool)
-    current = pixels0
     policy.eval()
     for k in tqdm(range(C), desc=desc, leave=False, unit="chunk"):
         rows = np.flatnonzero(active)
@@ -79,7 +80,6 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
         env_actions = np.zeros((E, L, D), dtype=np.float64)
         env_actions[rows] = out["env_actions"].cpu().double().numpy()
         result = pool.step_chunk(env_actions, active)
-        images = current.clone()
         for e in rows:
             executed = int(result.steps[e])
             gripper[e, k, :executed] = torch.from_numpy(env_actions[e, :executed, -1]).float()
@@ -87,9 +87,9 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
             complete[e] = bool(result.terminated[e])
             if result.terminated[e] or result.truncated[e] or k == C - 1:
                 active[e] = False
-            else:
-                images[e] = policy.pixel_values_from_images(result.obs[e]["image"][None])[0]
-        current = images
+        continuing = np.flatnonzero(active)
+        if continuing.size:
+            current[continuing] = policy.observations_to_inputs([result.obs[e] for e in continuing])
     uid = np.array([e.uid for e in episodes], dtype=object)
     tensors = {
         "responses": responses, "input_ids": input_ids.cpu().unsqueeze(1).expand(E, C, P).contiguous(),

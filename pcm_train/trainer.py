@@ -29,15 +29,23 @@ class StopRequested(Exception):
 
 
 def make_env_pool(cfg: PCMTrainConfig, image_size: int):
-    """Ray env workers for the run: one per core by default, enough env slots for a step or a validation."""
+    """Ray env workers for the run: one per core by default, enough env slots for a step or a validation.
+
+    ``policy.observation=image`` needs ``env.camera=true`` (rendered images); ``state`` needs
+    ``env.camera=false`` (camera-less envs with the privileged state). Raises ValueError otherwise."""
     import math
     import os
 
     from pcm_train.envs.workers import EnvWorkerPool
 
+    state_mode = cfg.policy.observation == "state"
+    if cfg.env.camera == state_mode:
+        raise ValueError(f"policy.observation={cfg.policy.observation} needs env.camera={str(not state_mode).lower()} "
+                         "(state mode runs camera-less envs, image mode renders; see docs/state_mode.md)")
     workers = cfg.env.num_workers or os.cpu_count() or 1
     episodes = max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes)
     return EnvWorkerPool(min(workers, episodes), cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
+                         privileged_state=state_mode,
                          envs_per_worker=math.ceil(episodes / min(workers, episodes)), ray_address=cfg.env.ray_address,
                          step_timeout_s=cfg.env.step_timeout_s,
                          max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,

@@ -1,7 +1,8 @@
 """A deterministic stand-in for the LIBERO worker pool, for fast trainer tests.
 
 An episode succeeds once its env has executed ``close_steps`` closing gripper
-commands; observations are images derived from (task, initial state, step).
+commands; observations are images and float32 [state_dim] states derived from
+(task, initial state, step).
 """
 import numpy as np
 
@@ -9,8 +10,9 @@ from pcm_train.envs.workers import ChunkResult
 
 
 class FakePool:
-    def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512):
+    def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512, state_dim=8):
         self.image_size = image_size
+        self.state_dim = state_dim
         self.close_steps = close_steps
         self.max_steps = max_steps
         self.episodes = []
@@ -21,7 +23,8 @@ class FakePool:
         task, init, steps, _ = self.episodes[e]
         rng = np.random.default_rng(task * 1000 + init * 10 + steps)
         image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
-        return {"image": image, "language": f"put object {task} in the basket", "state": np.zeros(8, np.float32)}
+        state = rng.standard_normal(self.state_dim).astype(np.float32)
+        return {"image": image, "language": f"put object {task} in the basket", "state": state}
 
     def reset(self, episodes):
         self.resets += 1

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from pcm_train.config import POLICIES, PolicySection
+from pcm_train.envs.libero import PRIVILEGED_STATE_DIM
 from pcm_train.policies.openvla_oft import OpenVLAOFT
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 
@@ -13,11 +14,14 @@ from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,
                  adapters: Path | None = None):
     """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights (required for ``openvla_oft``:
-    an OpenVLA-OFT checkpoint folder), else a fresh small VLA from the config sizes (seed torch first
-    for reproducible weights). LoRA adapters are added when ``cfg.lora_r > 0`` (or loaded, trainable,
-    from ``adapters``)."""
+    an OpenVLA-OFT checkpoint folder), else a fresh small VLA from the config sizes and observation mode
+    (seed torch first for reproducible weights; state mode reads LIBERO's privileged state). A saved
+    policy must have ``cfg.observation``'s mode. LoRA adapters are added when ``cfg.lora_r > 0`` (or
+    loaded, trainable, from ``adapters``)."""
     if cfg.name not in POLICIES:
         raise ValueError(f"policy.name must be one of {POLICIES}, got {cfg.name!r}")
+    if cfg.name == "openvla_oft" and cfg.observation != "image":
+        raise ValueError("policy.observation=state needs policy.name=small_vla (openvla_oft sees images only)")
     if cfg.name == "openvla_oft":
         if cfg.path is None:
             raise FileNotFoundError("policy.path is required for policy.name=openvla_oft "
@@ -29,10 +33,14 @@ def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpoin
             raise FileNotFoundError(f"policy.path={cfg.path}: no config.json there (a directory written by "
                                     "save_pretrained or pcm_train.run's base_policy/ is expected)")
         policy = SmallVLA.from_pretrained(str(path))
+        if policy.config.observation != cfg.observation:
+            raise ValueError(f"policy.path={cfg.path} holds a {policy.config.observation}-observation policy; set "
+                             f"policy.observation={policy.config.observation} (see docs/state_mode.md)")
     else:
         policy = SmallVLA(SmallVLAConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                          num_attention_heads=max(1, cfg.hidden_size // 16),
-                                         intermediate_size=2 * cfg.hidden_size, image_size=cfg.image_size))
+                                         intermediate_size=2 * cfg.hidden_size, image_size=cfg.image_size,
+                                         observation=cfg.observation, state_dim=PRIVILEGED_STATE_DIM))
     policy = policy.to(device=device, dtype=getattr(torch, cfg.dtype))
     if adapters is not None:
         policy.load_lora(str(adapters), trainable=True)

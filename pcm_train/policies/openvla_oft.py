@@ -309,6 +309,10 @@ class OpenVLAOFT(nn.Module):
         """uint8 RGB images [B, H, W, 3] -> float32 [B, 6, 224, 224] on the CPU (see ``OpenVLAProcessor``)."""
         return self.processor.pixel_values(images)
 
+    def observations_to_inputs(self, observations: list[dict]) -> torch.Tensor:
+        """Env observation dicts -> float32 [B, 6, 224, 224] ``pixel_values`` from ``obs["image"]``."""
+        return self.pixel_values_from_images([o["image"] for o in observations])
+
     # ----- forward passes -----
 
     @property

@@ -6,6 +6,12 @@ Image -> patch encoder (Conv2d patchify + pre-norm ViT blocks) -> 3-layer GELU M
 bidirectional attention; the action logits are the LM logits one position before each placeholder,
 restricted to the action ids. Built from the config alone (no downloads), with a byte-level
 tokenizer: PAD = 0, BOS = 1, STOP = 2, byte b -> 3 + b, action bins = the last 256 ids.
+
+State mode (``observation="state"``, docs/state_mode.md): the observation is the env's privileged
+state vector (proprio + object poses) instead of an image; a linear state encoder turns it into
+``state_tokens`` tokens that take the patches' place. Prompt, chunking, action tokens, forward
+passes and their signatures are the same; the ``pixel_values`` arguments then carry float
+[B, state_dim] states.
 """
 import numpy as np
 import torch
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
+from pcm_train.config import OBSERVATIONS
 from pcm_train.policies.varlen_attention import ATTENTION_NAME
 
 PAD_ID, BOS_ID, STOP_ID = 0, 1, 2
@@ -33,6 +40,10 @@ class SmallVLAConfig(PretrainedConfig):
     ``action_q01``/``action_q99``/``action_norm_mask`` (length ``action_dim``) un-normalize the
     decoded actions as ``dataset_statistics.json`` does; the defaults (-1, 1, all dims but the
     gripper) leave them in [-1, 1].
+
+    ``observation`` is ``"image"`` (patch encoder over ``image_size``² images) or ``"state"`` (a
+    linear encoder over float [state_dim] states -> ``state_tokens`` tokens of ``vision_width``).
+    The default ``state_dim`` is LIBERO's privileged state (``pcm_train.envs.PRIVILEGED_STATE_DIM``).
     """
 
     model_type = "pcm_small_vla"
@@ -56,8 +67,15 @@ class SmallVLAConfig(PretrainedConfig):
     action_q01: list[float] | None = None
     action_q99: list[float] | None = None
     action_norm_mask: list[bool] | None = None
+    observation: str = "image"
+    state_dim: int = 36
+    state_tokens: int = 4
 
     def __post_init__(self, **kwargs):
+        if self.observation not in OBSERVATIONS:
+            raise ValueError(f"observation must be one of {OBSERVATIONS}, got {self.observation!r}")
+        if self.state_dim < 1 or self.state_tokens < 1:
+            raise ValueError(f"state_dim and state_tokens must be >= 1, got {self.state_dim}, {self.state_tokens}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.vision_width % self.vision_heads:
@@ -75,6 +93,9 @@ class SmallVLAConfig(PretrainedConfig):
 
     @property
     def num_patches(self) -> int:
+        """Observation tokens per chunk: image patches, or ``state_tokens`` in state mode."""
+        if self.observation == "state":
+            return self.state_tokens
         return (self.image_size // self.patch_size) ** 2
 
     @property
@@ -140,6 +161,32 @@ class PatchEncoder(nn.Module):
         return x
 
 
+class StateEncoder(nn.Module):
+    """States float [N, state_dim] -> ``state_tokens`` tokens [N, state_tokens, vision_width]: standardize
+    with the ``mean``/``std`` buffers (float [state_dim], saved with the weights; 0 / 1 until
+    ``set_normalization``), then one linear map."""
+
+    def __init__(self, config: SmallVLAConfig):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(config.state_dim))
+        self.register_buffer("std", torch.ones(config.state_dim))
+        self.tokens, self.width = config.state_tokens, config.vision_width
+        self.linear = nn.Linear(config.state_dim, config.state_tokens * config.vision_width)
+
+    @torch.no_grad()
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize future inputs with float [state_dim] ``mean`` and ``std`` (> 0)."""
+        if mean.shape != self.mean.shape or std.shape != self.std.shape or not bool((std > 0).all()):
+            raise ValueError(f"mean and std must be float [{self.mean.numel()}] with std > 0, "
+                             f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        standardized = (states.float() - self.mean.float()) / self.std.float()  # before any low-precision cast
+        return self.linear(standardized.to(self.linear.weight.dtype)).view(-1, self.tokens, self.width)
+
+
 class Projector(nn.Module):
     """OpenVLA's fc1 -> GELU -> fc2 -> GELU -> fc3 (exact-erf GELU): [..., vision_width] -> [..., hidden]."""
 
@@ -162,6 +209,17 @@ def _check_pixels(name: str, pixel_values, rows: int, config: SmallVLAConfig) ->
                          f"{tuple(getattr(pixel_values, 'shape', ()))}")
 
 
+def _check_observations(name: str, values, rows: int, config: SmallVLAConfig) -> None:
+    """Images [rows, C, H, W] in image mode, states [rows, state_dim] in state mode (float tensors)."""
+    if config.observation == "image":
+        _check_pixels(name, values, rows, config)
+    elif not isinstance(values, torch.Tensor) or not values.is_floating_point() \
+            or tuple(values.shape) != (rows, config.state_dim):
+        raise ValueError(f"{name} must be a float tensor of states [N, state_dim] = {(rows, config.state_dim)} "
+                         f"(state-mode policy), got {getattr(values, 'dtype', type(values))} "
+                         f"{tuple(getattr(values, 'shape', ()))}")
+
+
 def _check_int_tensor(name: str, value, ndim: int, described: str) -> None:
     if not isinstance(value, torch.Tensor) or value.dim() != ndim or value.is_floating_point() \
             or value.dtype == torch.bool:
@@ -173,7 +231,7 @@ class SmallVLA(PreTrainedModel):
     """Small OpenVLA-OFT-shaped policy emitting ``action_chunk * action_dim`` action tokens per chunk.
 
     Fine-tuning: either train all weights, or call ``add_lora`` (LoRA adapters on the language model
-    only; the patch encoder, projector and all base weights frozen). Checkpoints: ``save_pretrained``
+    only; the patch or state encoder, projector and all base weights frozen). Checkpoints: ``save_pretrained``
     / ``from_pretrained`` for the full model (merge adapters first with ``merge_lora``), or
     ``save_lora`` / ``load_lora`` for just the adapters on top of a base checkpoint.
     """
@@ -183,7 +241,10 @@ class SmallVLA(PreTrainedModel):
 
     def __init__(self, config: SmallVLAConfig):
         super().__init__(config)
-        self.patch_encoder = PatchEncoder(config)
+        if config.observation == "state":
+            self.state_encoder = StateEncoder(config)
+        else:
+            self.patch_encoder = PatchEncoder(config)
         self.projector = Projector(config.vision_width, config.hidden_size)
         self.language_model = LlamaForCausalLM(config.llama_config())
         self.post_init()
@@ -210,6 +271,23 @@ class SmallVLA(PreTrainedModel):
                              f"got {images.dtype} {tuple(images.shape)}")
         return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
+    def observations_to_inputs(self, observations: list[dict]) -> torch.Tensor:
+        """Env observation dicts -> the ``pixel_values`` rows for them, on the CPU: image mode float32
+        [B, C, H, W] from ``obs["image"]``; state mode float32 [B, state_dim] from ``obs["state"]``."""
+        if self.config.observation == "image":
+            return self.pixel_values_from_images(np.stack([o["image"] for o in observations]))
+        states = torch.tensor(np.stack([o["state"] for o in observations]), dtype=torch.float32)
+        if tuple(states.shape[1:]) != (self.config.state_dim,):
+            raise ValueError(f"state-mode observations need obs['state'] float [{self.config.state_dim}] (LIBERO: "
+                             f"privileged_state=True), got shape {tuple(states.shape[1:])}")
+        return states
+
+    def _encode_observations(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` rows (images or states) -> observation features [M, num_patches, vision_width]."""
+        if self.config.observation == "state":
+            return self.state_encoder(pixel_values)
+        return self.patch_encoder(pixel_values.to(self.dtype))
+
     # ----- forward passes -----
 
     @property
@@ -230,7 +308,7 @@ class SmallVLA(PreTrainedModel):
         cfg = self.config
         num_patches, num_actions = cfg.num_patches, cfg.num_action_tokens
         embed = self._causal_lm().get_input_embeddings()
-        patches = self.projector(self.patch_encoder(pixel_values.to(self.dtype)))  # [M, Np, hidden]
+        patches = self.projector(self._encode_observations(pixel_values))  # [M, Np, hidden]
         sequence = patches.new_zeros(total, cfg.hidden_size)
         # BOS at 0, patches at 1..Np, prompt[1:] after them; placeholders stay zero; STOP last.
         prompt_pos = chunk_starts[prompt_chunk] + prompt_offset + num_patches * (prompt_offset > 0)
@@ -251,13 +329,13 @@ class SmallVLA(PreTrainedModel):
     def action_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       pixel_values: torch.Tensor) -> torch.Tensor:
         """Padded per-chunk forward. input_ids/attention_mask int [B, P] (right-padded, BOS first),
-        pixel_values float [B, C, H, W] -> action logits float [B, A, 256] (A = action_chunk * action_dim).
-        Independent of the amount of right padding."""
+        pixel_values float [B, C, H, W] (state mode: [B, state_dim]) -> action logits float [B, A, 256]
+        (A = action_chunk * action_dim). Independent of the amount of right padding."""
         _check_int_tensor("input_ids", input_ids, 2, "[B, P]")
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(getattr(attention_mask, 'shape', ()))}")
-        _check_pixels("pixel_values", pixel_values, input_ids.shape[0], self.config)
+        _check_observations("pixel_values", pixel_values, input_ids.shape[0], self.config)
         real = attention_mask.bool()
         if bool((real[:, 1:] & ~real[:, :-1]).any() | ~real[:, 0].all() | (input_ids[:, 0] != BOS_ID).any()):
             raise ValueError("input_ids must start with BOS and attention_mask must be right-padded (1s then 0s)")
@@ -287,7 +365,8 @@ class SmallVLA(PreTrainedModel):
                              pixel_values: torch.Tensor) -> torch.Tensor:
         """One forward over M packed chunks. prompt_ids int [Tp] (each chunk's unpadded prompt, BOS first,
         concatenated), prompt_cu_seqlens int32 [M+1] (chunk m's prompt is prompt_ids[cu[m]:cu[m+1]]),
-        pixel_values float [M, C, H, W] -> action logits float [M, A, 256]; equals ``action_logits``."""
+        pixel_values float [M, C, H, W] (state mode: [M, state_dim]) -> action logits float [M, A, 256];
+        equals ``action_logits``."""
         _check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
         if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
                 or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
@@ -295,7 +374,7 @@ class SmallVLA(PreTrainedModel):
                              f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
                              f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
         num_chunks = prompt_cu_seqlens.numel() - 1
-        _check_pixels("pixel_values", pixel_values, num_chunks, self.config)
+        _check_observations("pixel_values", pixel_values, num_chunks, self.config)
         bounds = prompt_cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         if bounds[0] != 0 or bounds[-1] != prompt_ids.numel() or min(lengths) <= 0:
