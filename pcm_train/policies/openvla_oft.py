@@ -25,7 +25,8 @@ from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_n
 from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID, STOP_ID, OpenVLAProcessor,
                                                   load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec
-from pcm_train.policies.small_vla import LORA_TARGET_MODULES, _check_int_tensor, _check_pixels
+from pcm_train.policies.lora import LoraLanguageModelMixin
+from pcm_train.policies.small_vla import _check_int_tensor, _check_pixels
 from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
 
 # Llama-2 7B: the values OpenVLA's text_config leaves unset.
@@ -220,7 +221,7 @@ class FusedMLPProjector(nn.Module):
         return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
 
 
-class OpenVLAOFT(nn.Module):
+class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
     """OpenVLA-OFT policy with the small policy's interface (``pcm_train.policies.SmallVLA``): one action
     chunk = 56 action tokens (8 steps x 7 dims) per prompt + image.
 
@@ -314,14 +315,6 @@ class OpenVLAOFT(nn.Module):
         return self.pixel_values_from_images([o["image"] for o in observations])
 
     # ----- forward passes -----
-
-    @property
-    def has_lora(self) -> bool:
-        """Whether the language model is wrapped in a peft ``PeftModel``."""
-        return hasattr(self.language_model, "get_base_model")
-
-    def _causal_lm(self) -> LlamaForCausalLM:
-        return self.language_model.get_base_model() if self.has_lora else self.language_model
 
     def _check_prompt_bounds(self, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor) -> None:
         ends = prompt_lengths.cumsum(0)
@@ -501,49 +494,6 @@ class OpenVLAOFT(nn.Module):
         env_actions[..., -1] = gripper_to_env(normalized[..., -1])
         return {"responses": responses, "log_probs": self.log_probs(logits, responses, temperature),
                 "normalized_actions": normalized, "env_actions": env_actions}
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute the decoder layers' activations during backward (less memory, more compute)."""
-        self._causal_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # ----- LoRA -----
-
-    def add_lora(self, r: int = 32, alpha: float = 32, dropout: float = 0.0,
-                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES) -> None:
-        """Wrap the language model in a peft ``PeftModel`` with LoRA on its linear layers (``target_modules``;
-        not ``lm_head``, whose action rows are sliced directly) and freeze every other weight."""
-        from peft import LoraConfig, get_peft_model
-
-        if self.has_lora:
-            raise ValueError("add_lora: the language model already has LoRA adapters")
-        if not isinstance(r, int) or r <= 0 or not alpha > 0 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"add_lora needs r > 0 (int), alpha > 0, 0 <= dropout < 1; got {r}, {alpha}, {dropout}")
-        if not target_modules or "lm_head" in target_modules:
-            raise ValueError(f"target_modules must be non-empty and exclude 'lm_head', got {target_modules}")
-        self.requires_grad_(False)
-        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-        self.language_model = get_peft_model(self.language_model, lora)
-
-    def save_lora(self, path: str) -> None:
-        """Write the LoRA adapters (peft ``adapter_config.json`` + ``adapter_model.safetensors``) to ``path``."""
-        if not self.has_lora:
-            raise ValueError("save_lora: no LoRA adapters; call add_lora or load_lora first")
-        self.language_model.save_pretrained(path)
-
-    def load_lora(self, path: str, trainable: bool = False) -> None:
-        """Attach adapters saved by ``save_lora``; ``trainable`` keeps them trainable (all else frozen)."""
-        from peft import PeftModel
-
-        if self.has_lora:
-            raise ValueError("load_lora: the language model already has LoRA adapters")
-        self.requires_grad_(False)
-        self.language_model = PeftModel.from_pretrained(self.language_model, path, is_trainable=trainable)
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the Llama weights and drop the peft wrapper."""
-        if not self.has_lora:
-            raise ValueError("merge_lora: no LoRA adapters to merge")
-        self.language_model = self.language_model.merge_and_unload()
 
     # ----- saving -----
 

@@ -21,12 +21,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTra
 
 from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
 from pcm_train.config import OBSERVATIONS
+from pcm_train.policies.lora import LoraLanguageModelMixin
 from pcm_train.policies.varlen_attention import ATTENTION_NAME
 
 PAD_ID, BOS_ID, STOP_ID = 0, 1, 2
 BYTE_OFFSET = 3
 TEXT_VOCAB_SIZE = BYTE_OFFSET + 256
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def prompt_text(task: str) -> str:
@@ -227,7 +227,7 @@ def _check_int_tensor(name: str, value, ndim: int, described: str) -> None:
                          f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
 
 
-class SmallVLA(PreTrainedModel):
+class SmallVLA(LoraLanguageModelMixin, PreTrainedModel):
     """Small OpenVLA-OFT-shaped policy emitting ``action_chunk * action_dim`` action tokens per chunk.
 
     Fine-tuning: either train all weights, or call ``add_lora`` (LoRA adapters on the language model
@@ -289,15 +289,6 @@ class SmallVLA(PreTrainedModel):
         return self.patch_encoder(pixel_values.to(self.dtype))
 
     # ----- forward passes -----
-
-    @property
-    def has_lora(self) -> bool:
-        """Whether the language model is wrapped in a peft ``PeftModel``."""
-        return hasattr(self.language_model, "get_base_model")
-
-    def _causal_lm(self) -> LlamaForCausalLM:
-        """The Llama model itself (LoRA layers, if added, are injected into it in place)."""
-        return self.language_model.get_base_model() if self.has_lora else self.language_model
 
     def _assemble(self, prompt_ids, prompt_chunk, prompt_offset, pixel_values, chunk_starts, prompt_lengths, total):
         """Scatter chunks into a flat sequence [total, hidden]; return it and the action-logit rows [M, A].
@@ -450,52 +441,6 @@ class SmallVLA(PreTrainedModel):
         env_actions[..., -1] = gripper_to_env(normalized[..., -1])
         return {"responses": responses, "log_probs": self.log_probs(logits, responses, temperature),
                 "normalized_actions": normalized, "env_actions": env_actions}
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute the decoder layers' activations during backward (less memory, more compute)."""
-        self._causal_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # ----- LoRA -----
-
-    def add_lora(self, r: int, alpha: float, dropout: float = 0.0,
-                 target_modules: tuple[str, ...] = LORA_TARGET_MODULES) -> None:
-        """Wrap the language model in a peft ``PeftModel`` with LoRA on ``target_modules`` and freeze every
-        other weight (patch encoder, projector, Llama base weights). ``lm_head`` cannot be a target: the
-        action head slices its weight directly."""
-        from peft import LoraConfig, get_peft_model
-
-        if self.has_lora:
-            raise ValueError("add_lora: the language model already has LoRA adapters")
-        if not isinstance(r, int) or r <= 0 or not alpha > 0 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"add_lora needs r > 0 (int), alpha > 0, 0 <= dropout < 1; got {r}, {alpha}, {dropout}")
-        if not target_modules or "lm_head" in target_modules:
-            raise ValueError(f"target_modules must be non-empty and exclude 'lm_head', got {target_modules}")
-        self.requires_grad_(False)
-        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-        self.language_model = get_peft_model(self.language_model, lora)
-
-    def save_lora(self, path: str) -> None:
-        """Write the LoRA adapters (peft ``adapter_config.json`` + ``adapter_model.safetensors``) to ``path``."""
-        if not self.has_lora:
-            raise ValueError("save_lora: no LoRA adapters; call add_lora or load_lora first")
-        self.language_model.save_pretrained(path)
-
-    def load_lora(self, path: str, trainable: bool = False) -> None:
-        """Attach adapters saved by ``save_lora`` to this (base) model; ``trainable`` keeps them trainable,
-        with every other weight frozen as in ``add_lora``."""
-        from peft import PeftModel
-
-        if self.has_lora:
-            raise ValueError("load_lora: the language model already has LoRA adapters")
-        self.requires_grad_(False)
-        self.language_model = PeftModel.from_pretrained(self.language_model, path, is_trainable=trainable)
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the Llama weights and drop the peft wrapper (then ``save_pretrained``
-        writes a plain checkpoint). Trainability flags are left as they are."""
-        if not self.has_lora:
-            raise ValueError("merge_lora: no LoRA adapters to merge")
-        self.language_model = self.language_model.merge_and_unload()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, refused while LoRA adapters are attached: their peft key
