@@ -1,13 +1,15 @@
 """Behaviour-clone the small VLA on expert demonstrations (action-token cross-entropy).
 
-    python -m pcm_train.sft demos=DIR out=DIR [observation=state|image] [epochs=N] [batch_size=B]
-                            [lr=X] [hidden_size=H] [num_layers=N] [seed=S] [val_fraction=F] [device=auto]
+    python -m pcm_train.sft demos=DIR out=DIR [observation=state|image] [labels=executed|clean] [epochs=N]
+                            [batch_size=B] [lr=X] [weight_decay=X] [hidden_size=H] [num_layers=N] [seed=S]
+                            [val_fraction=F] [device=auto]
 
 Dataset: every chunk of every successful demonstration (``pcm_train.demos``' format): the
-observation at the chunk's first step, the task prompt, and the chunk's executed actions as the
-56 action tokens the policy emits (same 256-bin tokenization; the gripper mapped from the env's
-±1 back to the model's 1 = open / 0 = close). The last chunk of a demo may be short: its missing
-steps are masked out of the loss. Demonstrations are split into train / validation by episode.
+observation at the chunk's first step, the task prompt, and the chunk's executed actions
+(``labels=clean``: the expert's noise-free ones) as the 56 action tokens the policy emits (same
+256-bin tokenization; the gripper mapped from the env's ±1 back to the model's 1 = open / 0 =
+close). The last chunk of a demo may be short: its missing steps are masked out of the loss.
+Demonstrations are split into train / validation by episode. Measurements: docs/state_mode.md.
 
 Outputs in ``out``: the policy (``save_pretrained``: full weights, no LoRA) that
 ``python -m pcm_train.run policy.path=out`` starts from (a state-mode policy also needs
