@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,7 +25,7 @@ from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID,
                                                   load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec
 from pcm_train.policies.lora import LoraLanguageModelMixin
-from pcm_train.policies.small_vla import _check_int_tensor, _check_pixels
+from pcm_train.policies.small_vla import Projector, _check_int_tensor, _check_pixels
 from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
 
 # Llama-2 7B: the values OpenVLA's text_config leaves unset.
@@ -208,19 +207,6 @@ class FusedVisionBackbone(nn.Module):
         return torch.cat([self.featurizer(pixel_values[:, :3]), self.fused_featurizer(pixel_values[:, 3:])], dim=2)
 
 
-class FusedMLPProjector(nn.Module):
-    """fc1 -> GELU -> fc2 -> GELU -> fc3 (exact-erf GELU): [..., vision_dim] -> [..., hidden]."""
-
-    def __init__(self, vision_dim: int, hidden_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
-        self.fc2 = nn.Linear(4 * vision_dim, hidden_size)
-        self.fc3 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
-
-
 class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
     """OpenVLA-OFT policy with the small policy's interface (``pcm_train.policies.SmallVLA``): one action
     chunk = 56 action tokens (8 steps x 7 dims) per prompt + image.
@@ -236,7 +222,7 @@ class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
         self.processor = processor
         self.checkpoint_dir = Path(checkpoint_dir)
         self.vision_backbone = FusedVisionBackbone(*config.vision)
-        self.projector = FusedMLPProjector(sum(v.embed_dim for v in config.vision), config.llama.hidden_size)
+        self.projector = Projector(sum(v.embed_dim for v in config.vision), config.llama.hidden_size)
         self.language_model = LlamaForCausalLM(config.llama)
 
     @classmethod
