@@ -20,12 +20,13 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
+from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
 from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID, STOP_ID, OpenVLAProcessor,
                                                   load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec
 from pcm_train.policies.lora import LoraLanguageModelMixin
-from pcm_train.policies.small_vla import Projector, _check_int_tensor, _check_pixels
+from pcm_train.policies.action_head import ActionTokensMixin, check_int_tensor as _check_int_tensor
+from pcm_train.policies.small_vla import Projector, _check_pixels
 from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
 
 # Llama-2 7B: the values OpenVLA's text_config leaves unset.
@@ -207,7 +208,7 @@ class FusedVisionBackbone(nn.Module):
         return torch.cat([self.featurizer(pixel_values[:, :3]), self.fused_featurizer(pixel_values[:, 3:])], dim=2)
 
 
-class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
+class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
     """OpenVLA-OFT policy with the small policy's interface (``pcm_train.policies.SmallVLA``): one action
     chunk = 56 action tokens (8 steps x 7 dims) per prompt + image.
 
@@ -415,23 +416,6 @@ class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
 
     # ----- log-probs and acting -----
 
-    def log_probs(self, logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token log-probs: logits float [*, 56, 256], responses int action token ids [*, 56],
-        temperature > 0 -> float32 [*, 56] = log_softmax(logits / temperature) at responses - 31744."""
-        expected = (self.config.num_action_tokens, NUM_ACTION_BINS)
-        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or tuple(logits.shape[-2:]) != expected:
-            raise ValueError(f"logits must be [*, 56, 256], got {tuple(getattr(logits, 'shape', ()))}")
-        _check_int_tensor("responses", responses, logits.dim() - 1, f"{tuple(logits.shape[:-1])}")
-        if responses.shape != logits.shape[:-1]:
-            raise ValueError(f"responses must have shape {tuple(logits.shape[:-1])}, got {tuple(responses.shape)}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        bins = responses.long() - self.config.action_token_start
-        if bool(((bins < 0) | (bins >= NUM_ACTION_BINS)).any()):
-            raise ValueError(f"responses must be action token ids in "
-                             f"[{self.config.action_token_start}, {self.config.vocab_size})")
-        return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, bins.unsqueeze(-1)).squeeze(-1)
-
     def action_bounds(self, unnorm_key: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q01 float32 [7], q99 float32 [7], mask bool [7]) of ``unnorm_key`` (default: the loaded one)."""
         key = self.config.unnorm_key if unnorm_key is None else resolve_unnorm_key(self.config.norm_stats, unnorm_key)
@@ -439,21 +423,6 @@ class OpenVLAOFT(LoraLanguageModelMixin, nn.Module):
         mask = stats.get("mask", [True] * self.config.action_dim)  # OpenVLA: no mask = un-normalize every dim
         return (torch.tensor(stats["q01"], dtype=torch.float32), torch.tensor(stats["q99"], dtype=torch.float32),
                 torch.tensor(mask, dtype=torch.bool))
-
-    def _sample(self, input_ids, attention_mask, pixel_values, temperature, greedy, generator):
-        """(logits float32 [B, 56, 256], responses int64 [B, 56], normalized actions float32 [B, 8, 7])."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        cfg = self.config
-        logits = self.action_logits(input_ids, attention_mask, pixel_values).float()
-        if greedy:
-            bins = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            bins = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
-        responses = bins + cfg.action_token_start
-        normalized = tokens_to_normalized(responses, cfg.action_token_start).view(-1, cfg.action_chunk, cfg.action_dim)
-        return logits, responses, normalized
 
     @torch.no_grad()
     def predict_action(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,

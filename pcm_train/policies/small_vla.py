@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, tokens_to_normalized, unnormalize
+from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
 from pcm_train.config import OBSERVATIONS
+from pcm_train.policies.action_head import ActionTokensMixin, check_int_tensor as _check_int_tensor
 from pcm_train.policies.lora import LoraLanguageModelMixin
 from pcm_train.policies.varlen_attention import ATTENTION_NAME
 
@@ -220,14 +221,7 @@ def _check_observations(name: str, values, rows: int, config: SmallVLAConfig) ->
                          f"{tuple(getattr(values, 'shape', ()))}")
 
 
-def _check_int_tensor(name: str, value, ndim: int, described: str) -> None:
-    if not isinstance(value, torch.Tensor) or value.dim() != ndim or value.is_floating_point() \
-            or value.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor {described}, got "
-                         f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
-
-
-class SmallVLA(LoraLanguageModelMixin, PreTrainedModel):
+class SmallVLA(ActionTokensMixin, LoraLanguageModelMixin, PreTrainedModel):
     """Small OpenVLA-OFT-shaped policy emitting ``action_chunk * action_dim`` action tokens per chunk.
 
     Fine-tuning: either train all weights, or call ``add_lora`` (LoRA adapters on the language model
@@ -397,25 +391,6 @@ class SmallVLA(LoraLanguageModelMixin, PreTrainedModel):
 
     # ----- log-probs and acting -----
 
-    def log_probs(self, logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Per-token log-probs: logits float [*, A, 256], responses int action token ids [*, A],
-        temperature > 0 -> float [*, A] = log_softmax(logits / temperature) at responses - action_token_start."""
-        expected = (self.config.num_action_tokens, NUM_ACTION_BINS)
-        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or tuple(logits.shape[-2:]) != expected:
-            raise ValueError(f"logits must be [*, A, 256] with (A, 256) = {expected}, "
-                             f"got {tuple(getattr(logits, 'shape', ()))}")
-        _check_int_tensor("responses", responses, logits.dim() - 1, f"{tuple(logits.shape[:-1])}")
-        if responses.shape != logits.shape[:-1]:
-            raise ValueError(f"responses must have shape {tuple(logits.shape[:-1])}, got {tuple(responses.shape)}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        bins = responses.long() - self.config.action_token_start
-        if bool(((bins < 0) | (bins >= NUM_ACTION_BINS)).any()):
-            raise ValueError("responses must be action token ids in "
-                             f"[{self.config.action_token_start}, {self.config.vocab_size})")
-        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-        return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
-
     @torch.no_grad()
     def act(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
             temperature: float = 1.6, greedy: bool = False,
@@ -424,17 +399,9 @@ class SmallVLA(LoraLanguageModelMixin, PreTrainedModel):
         responses int64 [B, A] token ids, log_probs float32 [B, A] (at ``temperature``, also when greedy),
         normalized_actions float32 [B, action_chunk, action_dim] in [-1, 1] and env_actions (same shape:
         un-normalized with the config's q01/q99/mask, gripper = last dim mapped to the env's +1 close / -1 open)."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         cfg = self.config
-        logits = self.action_logits(input_ids, attention_mask, pixel_values).float()
-        if greedy:
-            bins = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            bins = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
-        responses = bins + cfg.action_token_start
-        normalized = tokens_to_normalized(responses, cfg.action_token_start).view(-1, cfg.action_chunk, cfg.action_dim)
+        logits, responses, normalized = self._sample(input_ids, attention_mask, pixel_values, temperature, greedy,
+                                                     generator)
         env_actions = unnormalize(normalized, torch.tensor(cfg.action_q01, device=normalized.device),
                                   torch.tensor(cfg.action_q99, device=normalized.device),
                                   torch.tensor(cfg.action_norm_mask, device=normalized.device))

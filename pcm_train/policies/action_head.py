@@ -1,0 +1,55 @@
+"""Action-token log-probs and sampling, shared by every policy class."""
+from __future__ import annotations
+
+import torch
+
+from pcm_train.action_tokens import NUM_ACTION_BINS, tokens_to_normalized
+
+
+def check_int_tensor(name: str, value, ndim: int, described: str) -> None:
+    """ValueError unless ``value`` is an integer tensor of rank ``ndim`` (``described`` names its shape)."""
+    if not isinstance(value, torch.Tensor) or value.dim() != ndim or value.is_floating_point() \
+            or value.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor {described}, got "
+                         f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
+
+
+class ActionTokensMixin:
+    """For a policy with ``action_logits(input_ids, attention_mask, pixel_values) -> [B, A, 256]`` and a
+    ``config`` holding ``num_action_tokens``, ``action_token_start``, ``vocab_size``, ``action_chunk`` and
+    ``action_dim``."""
+
+    def log_probs(self, logits: torch.Tensor, responses: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-token log-probs: logits float [*, A, 256], responses int action token ids [*, A],
+        temperature > 0 -> float [*, A] = log_softmax(logits / temperature) at responses - action_token_start."""
+        expected = (self.config.num_action_tokens, NUM_ACTION_BINS)
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or tuple(logits.shape[-2:]) != expected:
+            raise ValueError(f"logits must be [*, A, 256] with (A, 256) = {expected}, "
+                             f"got {tuple(getattr(logits, 'shape', ()))}")
+        check_int_tensor("responses", responses, logits.dim() - 1, f"{tuple(logits.shape[:-1])}")
+        if responses.shape != logits.shape[:-1]:
+            raise ValueError(f"responses must have shape {tuple(logits.shape[:-1])}, got {tuple(responses.shape)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        bins = responses.long() - self.config.action_token_start
+        if bool(((bins < 0) | (bins >= NUM_ACTION_BINS)).any()):
+            raise ValueError("responses must be action token ids in "
+                             f"[{self.config.action_token_start}, {self.config.vocab_size})")
+        log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return log_probs.gather(-1, bins.unsqueeze(-1)).squeeze(-1)
+
+    def _sample(self, input_ids, attention_mask, pixel_values, temperature, greedy, generator):
+        """Sample (or argmax) one chunk per row at ``temperature``: (logits float32 [B, A, 256], responses
+        int64 [B, A], normalized actions float32 [B, action_chunk, action_dim] in [-1, 1])."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        cfg = self.config
+        logits = self.action_logits(input_ids, attention_mask, pixel_values).float()
+        if greedy:
+            bins = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            bins = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
+        responses = bins + cfg.action_token_start
+        normalized = tokens_to_normalized(responses, cfg.action_token_start).view(-1, cfg.action_chunk, cfg.action_dim)
+        return logits, responses, normalized
