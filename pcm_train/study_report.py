@@ -1,0 +1,311 @@
+"""Tables and figures of the strategy study (``python -m pcm_train.study``) from its run directories.
+
+Runs are ``{variant: {seed: rows}}`` where rows are a run's ``metrics.jsonl``. Success for the
+target test is the training success rate averaged over the last ``smooth`` steps (the paper
+validates every step on 50 rollouts; a step here has 16). Training time is rollout + update
++ selection, without validation.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pcm_train.controller import PHASE_NAMES  # noqa: E402
+from pcm_train.metrics_log import read_metrics  # noqa: E402
+
+MIB = 2 ** 20
+
+
+def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[dict]]]:
+    """Every ``root/<variant>/seed<k>/metrics.jsonl`` with at least one step, variants in the given order."""
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for variant in variants:
+        for directory in sorted(Path(root, variant).glob("seed*")):
+            metrics = directory / "metrics.jsonl"
+            rows = read_metrics(metrics) if metrics.is_file() else []
+            if rows and directory.name[4:].isdigit():
+                runs.setdefault(variant, {})[int(directory.name[4:])] = rows
+    return runs
+
+
+def smoothed(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` values (fewer at the start)."""
+    values = np.asarray(values, dtype=float)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return (sums[idx] - sums[start]) / (idx - start)
+
+
+def train_seconds(rows: list[dict]) -> np.ndarray:
+    """Cumulative training time after each step (step time without validation), seconds."""
+    return np.cumsum([r["step_time_s"] - (r.get("val_time_s") or 0.0) for r in rows])
+
+
+def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
+    """Per-run figures: when the smoothed training success first reaches ``target``, and costs."""
+    success = smoothed([r["success_rate"] for r in rows], smooth)
+    reached = np.flatnonzero(success >= target)
+    first = int(reached[0]) if reached.size else None
+    update = np.cumsum([r["update_time_s"] for r in rows])
+    wall = train_seconds(rows)
+    val = [r for r in rows if r.get("val/success_rate") is not None]
+    mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
+    return {
+        "steps": len(rows),
+        "steps_to_target": None if first is None else first + 1,
+        "minutes_to_target": None if first is None else float(wall[first] / 60),
+        "update_s_to_target": None if first is None else float(update[first]),
+        "initial_success": float(success[0]),
+        "final_success": float(success[-1]),
+        "best_success": float(success.max()),
+        "final_val_success": val[-1]["val/success_rate"] if val else None,
+        "update_s_per_step": mean("update_time_s"),
+        "rollout_s_per_step": mean("rollout_time_s"),
+        "val_s_per_step": sum(r.get("val_time_s") or 0.0 for r in rows) / len(rows),
+        "step_s": mean("step_time_s"),
+        "train_minutes": float(wall[-1] / 60),
+        "update_s_total": float(update[-1]),
+        "activation_mib": mean("activation_bytes") / MIB,
+        "peak_mib": mean("peak_memory_bytes") / MIB,
+        "chunks_kept_per_traj": statistics.fmean(r["pcm/kept_fraction"] * r["pcm/valid_chunks_per_traj"]
+                                                 for r in rows),
+        "valid_chunks_per_traj": mean("pcm/valid_chunks_per_traj"),
+    }
+
+
+def summarize(runs, target: float, smooth: int) -> dict[str, dict]:
+    """Per variant: each seed's summary and the mean / standard deviation of every number over seeds."""
+    out = {}
+    for variant, seeds in runs.items():
+        per_seed = {seed: summarize_run(rows, target, smooth) for seed, rows in sorted(seeds.items())}
+        keys = next(iter(per_seed.values())).keys()
+        aggregate = {}
+        for key in keys:
+            values = [s[key] for s in per_seed.values() if s[key] is not None]
+            aggregate[key] = {"mean": statistics.fmean(values) if values else None,
+                              "std": statistics.stdev(values) if len(values) > 1 else None,
+                              "n": len(values)}
+        out[variant] = {"seeds": per_seed, "aggregate": aggregate}
+    return out
+
+
+def _cell(stat: dict, fmt: str, of: int | None = None) -> str:
+    if stat["mean"] is None:
+        return "not reached" if of else "—"
+    text = format(stat["mean"], fmt)
+    if stat["std"] is not None:
+        text += f" ± {format(stat['std'], fmt)}"
+    if of is not None and stat["n"] < of:
+        text += f" ({stat['n']}/{of} seeds)"
+    return text
+
+
+def table_one(summary: dict, target: float) -> str:
+    """Table 1 analogue: steps / minutes / update seconds to the target, final success, update speed."""
+    base = summary.get("full", {}).get("aggregate", {}).get("update_s_per_step", {}).get("mean")
+    head = (f"| variant | seeds | steps to {target:.0%} | train min to {target:.0%} | update s to {target:.0%} "
+            "| success: first → last (smoothed) | val success (last) | update s/step | update speed-up vs full "
+            "| kept / valid chunks per traj |")
+    lines = [head, "|" + "---|" * 10]
+    for variant, data in summary.items():
+        a, n = data["aggregate"], len(data["seeds"])
+        speed = base / a["update_s_per_step"]["mean"] if base else float("nan")
+        lines.append(
+            f"| {variant} | {n} | {_cell(a['steps_to_target'], '.1f', n)} | {_cell(a['minutes_to_target'], '.1f', n)} "
+            f"| {_cell(a['update_s_to_target'], '.1f', n)} | {_cell(a['initial_success'], '.2f')} → "
+            f"{_cell(a['final_success'], '.2f')} | {_cell(a['final_val_success'], '.2f')} "
+            f"| {_cell(a['update_s_per_step'], '.2f')} | {speed:.2f}× "
+            f"| {a['chunks_kept_per_traj']['mean']:.1f} / {a['valid_chunks_per_traj']['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def cost_table(summary: dict) -> str:
+    """Where a step's time goes and what the update holds in memory, per variant."""
+    lines = ["| variant | step s | rollout s | update s | validation s (per step) | update share "
+             "| activation MiB | peak RSS MiB |", "|" + "---|" * 8]
+    for variant, data in summary.items():
+        a = {k: v["mean"] for k, v in data["aggregate"].items()}
+        lines.append(f"| {variant} | {a['step_s']:.1f} | {a['rollout_s_per_step']:.1f} | {a['update_s_per_step']:.2f} "
+                     f"| {a['val_s_per_step']:.1f} | {a['update_s_per_step'] / a['step_s']:.1%} "
+                     f"| {a['activation_mib']:.1f} | {a['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def _band(ax, xs: list[np.ndarray], ys: list[np.ndarray], label: str) -> None:
+    """Mean line over seeds with a min-max band, on the steps every seed has."""
+    n = min(len(y) for y in ys)
+    x = np.mean([x[:n] for x in xs], axis=0)
+    y = np.array([y[:n] for y in ys])
+    (line,) = ax.plot(x, y.mean(0), label=label)
+    if len(ys) > 1:
+        ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
+
+
+def fig_success(runs, out: Path, target: float, smooth: int) -> Path:
+    """Fig. 3: smoothed training success vs step and vs training wall-clock; validation as markers."""
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for variant, seeds in runs.items():
+        rows_list = list(seeds.values())
+        ys = [smoothed([r["success_rate"] for r in rows], smooth) for rows in rows_list]
+        _band(by_step, [np.arange(1, len(r) + 1) for r in rows_list], ys, variant)
+        _band(by_time, [train_seconds(r) / 60 for r in rows_list], ys, variant)
+        color = by_step.get_lines()[-1].get_color()
+        for rows in rows_list:
+            val = [(r["step"] + 1, r["val/success_rate"]) for r in rows if r.get("val/success_rate") is not None]
+            if val:
+                by_step.plot(*zip(*val), "^", color=color, ms=5, alpha=0.7)
+    for ax in (by_step, by_time):
+        ax.axhline(target, color="grey", lw=0.8, ls="--")
+        ax.set(ylim=(-0.02, 1.02), ylabel=f"training success ({smooth}-step mean)")
+    by_step.set(xlabel="step", title="success vs step (▲ greedy validation)")
+    by_time.set(xlabel="training wall-clock (min, validation excluded)", title="success vs wall-clock")
+    by_step.legend(fontsize=8)
+    return _save(fig, out / "fig3_success.png")
+
+
+def fig_update_cost(runs, summary, out: Path) -> Path:
+    """Fig. 4: cumulative actor-update time over steps; activation memory of the update."""
+    fig, (cum, mem) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for variant, seeds in runs.items():
+        rows_list = list(seeds.values())
+        _band(cum, [np.arange(1, len(r) + 1) for r in rows_list],
+              [np.cumsum([r["update_time_s"] for r in rows]) for rows in rows_list], variant)
+    cum.set(xlabel="step", ylabel="cumulative actor-update time (s)", title="actor-update time")
+    cum.legend(fontsize=8)
+    names = list(summary)
+    act = [summary[v]["aggregate"]["activation_mib"]["mean"] for v in names]
+    mem.bar(names, act, color="tab:purple")
+    for i, value in enumerate(act):
+        mem.text(i, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    mem.set(ylabel="MiB (mean per update)", title="activation memory saved for backward")
+    mem.tick_params(axis="x", rotation=15)
+    return _save(fig, out / "fig4_update_cost.png")
+
+
+def fig_budget_ablation(summary, out: Path) -> Path:
+    """Fig. 5: success and update time against the budget B; the B = 12 ablations."""
+    fig, (sweep, ablate) = plt.subplots(1, 2, figsize=(12, 4.2))
+    sweep_names = [v for v in ("pcm_b8", "pcm", "pcm_b16", "full") if v in summary]
+    labels = {"pcm_b8": "B=8", "pcm": "B=12", "pcm_b16": "B=16", "full": "all"}
+    _dot_bars(sweep, summary, sweep_names, [labels[v] for v in sweep_names], "final_success")
+    twin = sweep.twinx()
+    twin.plot(range(len(sweep_names)), [summary[v]["aggregate"]["update_s_per_step"]["mean"] for v in sweep_names],
+              "o-", color="tab:red")
+    twin.set_ylabel("update s/step", color="tab:red")
+    sweep.set(title="budget sweep (PCM)", ylabel="final training success")
+    abl_names = [v for v in ("full", "pcm", "random", "top_phase") if v in summary]
+    _dot_bars(ablate, summary, abl_names, abl_names, "final_success")
+    ablate.set(title="selection rule at B = 12", ylabel="final training success")
+    return _save(fig, out / "fig5_budget_ablation.png")
+
+
+def _dot_bars(ax, summary, names, labels, key) -> None:
+    means = [summary[v]["aggregate"][key]["mean"] for v in names]
+    ax.bar(range(len(names)), means, color="tab:blue", alpha=0.6)
+    for i, v in enumerate(names):
+        values = [s[key] for s in summary[v]["seeds"].values()]
+        ax.plot([i] * len(values), values, "k.", ms=6)
+    ax.set_xticks(range(len(names)), labels)
+    ax.set_ylim(0, 1.02)
+
+
+def fig_allocation(runs, out: Path) -> Path:
+    """Fig. 6: kept chunks per trajectory by phase over training (mean over seeds), per variant with a budget."""
+    names = [v for v in runs if v != "full"] or list(runs)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False, sharey=True)
+    for ax, variant in zip(axes[0], names):
+        rows_list = list(runs[variant].values())
+        n = min(len(rows) for rows in rows_list)
+        stacks = [np.mean([[r.get(f"pcm/kept_per_traj/{p}") or 0.0 for r in rows[:n]] for rows in rows_list], 0)
+                  for p in PHASE_NAMES]
+        ax.stackplot(np.arange(1, n + 1), stacks, labels=PHASE_NAMES)
+        ax.set(xlabel="step", title=variant)
+    axes[0][0].set_ylabel("kept chunks per trajectory")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    return _save(fig, out / "fig6_allocation.png")
+
+
+def fig_time_split(summary, out: Path) -> Path:
+    """Seconds per step: rollout, actor update, validation, the rest."""
+    names = list(summary)
+    parts = {"rollout": "rollout_s_per_step", "actor update": "update_s_per_step", "validation": "val_s_per_step"}
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 4))
+    bottom = np.zeros(len(names))
+    for label, key in parts.items():
+        values = np.array([summary[v]["aggregate"][key]["mean"] for v in names])
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom += values
+    rest = np.array([summary[v]["aggregate"]["step_s"]["mean"] for v in names]) - bottom
+    ax.bar(names, np.maximum(rest, 0.0), bottom=bottom, label="selection, logging, checkpoint")
+    ax.set(ylabel="seconds per step", title="where a step's time goes")
+    ax.tick_params(axis="x", rotation=15)
+    ax.legend(fontsize=7)
+    return _save(fig, out / "time_split.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def page(summary: dict, facts: dict, target: float, smooth: int, figures: list[Path]) -> str:
+    machine, versions = facts["machine"], facts["versions"]
+    per_run = ["| variant | seed | steps | steps to target | train min | final success | final val |",
+               "|" + "---|" * 7]
+    for variant, data in summary.items():
+        for seed, s in data["seeds"].items():
+            per_run.append(f"| {variant} | {seed} | {s['steps']} | {s['steps_to_target'] or 'not reached'} "
+                           f"| {s['train_minutes']:.1f} | {s['final_success']:.2f} "
+                           f"| {'—' if s['final_val_success'] is None else format(s['final_val_success'], '.2f')} |")
+    return "\n".join([
+        "# Strategy study (generated by `python -m pcm_train.study`)", "",
+        f"Target: training success, mean of the last {smooth} steps, ≥ {target:.0%}. "
+        "Training time excludes validation. ± is the standard deviation over seeds.", "",
+        "## Table 1 analogue", "", table_one(summary, target), "",
+        "## Cost of a step", "", cost_table(summary), "",
+        "## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "",
+        "## Runs", "", *per_run, "",
+        "## Setup", "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, Python {machine['python']}; "
+        "no GPU.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- Study options: `{json.dumps(facts['study'])}`",
+        "- Settings shared by every run: " + " ".join(f"`{s}`" for s in facts["settings"]),
+        "- Variants: " + "; ".join(f"{k}: " + " ".join(f"`{o}`" for o in v) for k, v in facts["variants"].items()),
+        "- Everything else is the trainer's default (PCM.md §7): clip (0.2, 0.4), temperature 1.6, "
+        "grad-clip 2.0, T_rc = 5, p_min = 0.1. Each run's full config is its `config.json`.",
+        ""])
+
+
+def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict) -> list[Path]:
+    """Writes ``out/study.md``, ``out/study.json`` and the figures; returns their paths."""
+    if not runs:
+        raise ValueError("no study runs with metrics yet; nothing to report")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs, target, smooth)
+    figures = [fig_success(runs, out, target, smooth), fig_update_cost(runs, summary, out),
+               fig_budget_ablation(summary, out), fig_allocation(runs, out), fig_time_split(summary, out)]
+    (out / "study.md").write_text(page(summary, facts, target, smooth, figures))
+    (out / "study.json").write_text(json.dumps(_json_safe({"summary": summary, "setup": facts}), indent=1))
+    return [out / "study.md", out / "study.json", *figures]

@@ -1,0 +1,92 @@
+"""The strategy study: option parsing, target arithmetic, and a tiny 2-step study on the fake env pool."""
+import json
+
+import numpy as np
+import pytest
+
+from pcm_train import study, study_report
+from pcm_train.config import ConfigError
+from pcm_train.metrics_log import read_metrics
+
+from fake_env import fake_pool_factory
+
+TINY = ["rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3", "trainer.total_steps=2",
+        "trainer.val_every=2", "trainer.val_episodes=2", "policy.hidden_size=16", "policy.num_layers=1",
+        "env.task_ids=[0,1]"]
+
+
+def _study(tmp_path, *args):
+    options, extra = study.parse_args([f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'results'}", *args, *TINY])
+    return options, extra
+
+
+def test_parse_args_splits_study_options_from_trainer_overrides(tmp_path):
+    options, extra = _study(tmp_path, "seeds=[3,4]", "variants=[full,pcm_b8]", "target=0.5")
+    assert options.seeds == [3, 4] and options.variants == ["full", "pcm_b8"] and options.target == 0.5
+    assert extra == TINY
+    overrides = study.run_overrides(options, "pcm_b8", 4, extra)
+    assert "pcm.budget=8" in overrides and "trainer.seed=4" in overrides
+    assert f"trainer.output_dir={tmp_path / 'runs' / 'pcm_b8' / 'seed4'}" in overrides
+    assert overrides[-len(TINY):] == TINY  # the user's settings win
+
+
+@pytest.mark.parametrize("arg, message", [("variants=[full,pcm_b32]", "variants"), ("seeds=[]", "seeds"),
+                                          ("target=1.5", "target"), ("smooth=0", "smooth"),
+                                          ("init=/nonexistent", "init="), ("budget=3", "unknown config key")])
+def test_bad_options_name_the_key(tmp_path, arg, message):
+    with pytest.raises(ConfigError, match=message):
+        _study(tmp_path, arg)
+
+
+def test_summarize_run_finds_the_first_step_at_target():
+    success = [0.2, 0.4, 0.6, 1.0, 1.0, 0.0]
+    rows = [{"step": i, "success_rate": s, "step_time_s": 10.0 + (5.0 if i == 3 else 0.0),
+             "val_time_s": 5.0 if i == 3 else None, "update_time_s": 2.0, "rollout_time_s": 7.0,
+             "activation_bytes": 2 ** 20, "peak_memory_bytes": 2 ** 21, "pcm/kept_fraction": 0.5,
+             "pcm/valid_chunks_per_traj": 10.0} for i, s in enumerate(success)]
+    np.testing.assert_allclose(study_report.smoothed(success, 2), [0.2, 0.3, 0.5, 0.8, 1.0, 0.5])
+    s = study_report.summarize_run(rows, target=0.8, smooth=2)
+    assert s["steps_to_target"] == 4  # smoothed 0.8 after the 4th step
+    assert s["minutes_to_target"] == pytest.approx(40.0 / 60)  # validation time left out
+    assert s["update_s_to_target"] == pytest.approx(8.0)
+    assert s["final_success"] == pytest.approx(0.5) and s["best_success"] == pytest.approx(1.0)
+    assert s["chunks_kept_per_traj"] == pytest.approx(5.0) and s["activation_mib"] == pytest.approx(1.0)
+    assert study_report.summarize_run(rows, target=1.0, smooth=3)["steps_to_target"] is None
+
+
+def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
+    pool = fake_pool_factory(close_steps=6, state_dim=36)
+    options, extra = _study(tmp_path, "variants=[full,pcm]", "target=0.3", "smooth=1")
+    # an interrupted run: one of its two steps done
+    study.train_one(study.run_overrides(options, "full", 0, extra + ["trainer.total_steps=1"]), pool)
+    assert len(read_metrics(tmp_path / "runs/full/seed0/metrics.jsonl")) == 1
+    paths = study.run_study(options, extra, pool)
+    for variant in ("full", "pcm"):
+        rows = read_metrics(tmp_path / f"runs/{variant}/seed0/metrics.jsonl")
+        assert [r["step"] for r in rows] == [0, 1]
+    config = json.loads((tmp_path / "runs/pcm/seed0/config.json").read_text())
+    assert config["pcm"]["budget"] == 12 and config["policy"]["observation"] == "state"
+    assert config["env"]["camera"] is False and config["trainer"]["total_steps"] == 2
+
+    # a second invocation adds a seed and leaves finished runs alone
+    before = (tmp_path / "runs/pcm/seed0/metrics.jsonl").read_text()
+    options, extra = _study(tmp_path, "variants=[full,pcm]", "seeds=[0,1]", "target=0.3", "smooth=1")
+    paths = study.run_study(options, extra, pool)
+    assert (tmp_path / "runs/pcm/seed0/metrics.jsonl").read_text() == before
+    assert len(read_metrics(tmp_path / "runs/pcm/seed1/metrics.jsonl")) == 2
+
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    names = {p.name for p in paths}
+    assert {"study.md", "study.json", "fig3_success.png", "fig4_update_cost.png", "fig5_budget_ablation.png",
+            "fig6_allocation.png", "time_split.png"} <= names
+    text = (tmp_path / "results/study.md").read_text()
+    assert "| full | 2 |" in text and "| pcm | 2 |" in text and "1.00×" in text
+    assert "Machine:" in text and "trainer.seed" not in text.split("## Setup")[0]
+    summary = json.loads((tmp_path / "results/study.json").read_text())["summary"]
+    assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2
+
+
+def test_report_only_needs_runs(tmp_path):
+    options, extra = _study(tmp_path, "report_only=true")
+    with pytest.raises(ValueError, match="no study runs"):
+        study.run_study(options, extra, fake_pool_factory())
