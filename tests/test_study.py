@@ -16,7 +16,7 @@ TINY = ["rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_siz
 
 
 def _study(tmp_path, *args):
-    options, extra = study.parse_args([f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'results'}", *args, *TINY])
+    options, extra = study.parse_args(["init=null", f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'results'}", *args, *TINY])
     return options, extra
 
 
@@ -84,6 +84,14 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert "Machine:" in text and "trainer.seed" not in text.split("## Setup")[0]
     summary = json.loads((tmp_path / "results/study.json").read_text())["summary"]
     assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2
+
+
+def test_default_init_is_the_committed_sft_policy(monkeypatch):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    options, _ = study.parse_args([])
+    assert options.init == study.INIT_POLICY and options.variants == list(study.VARIANTS)
+    assert "policy.path=" + str(Path(study.INIT_POLICY).resolve()) in study.run_overrides(options, "pcm", 0, [])
 
 
 def test_report_only_needs_runs(tmp_path):
