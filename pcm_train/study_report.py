@@ -64,7 +64,7 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
         "steps_to_target": None if first is None else first + 1,
         "minutes_to_target": None if first is None else float(wall[first] / 60),
         "update_s_to_target": None if first is None else float(update[first]),
-        "initial_success": float(success[0]),
+        "initial_success": float(success[min(smooth, len(success)) - 1]),  # mean of the first `smooth` steps
         "final_success": float(success[-1]),
         "best_success": float(success.max()),
         "final_val_success": val[-1]["val/success_rate"] if val else None,

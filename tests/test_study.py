@@ -49,6 +49,7 @@ def test_summarize_run_finds_the_first_step_at_target():
     assert s["steps_to_target"] == 4  # smoothed 0.8 after the 4th step
     assert s["minutes_to_target"] == pytest.approx(40.0 / 60)  # validation time left out
     assert s["update_s_to_target"] == pytest.approx(8.0)
+    assert s["initial_success"] == pytest.approx(0.3)  # the first 2 steps
     assert s["final_success"] == pytest.approx(0.5) and s["best_success"] == pytest.approx(1.0)
     assert s["chunks_kept_per_traj"] == pytest.approx(5.0) and s["activation_mib"] == pytest.approx(1.0)
     assert study_report.summarize_run(rows, target=1.0, smooth=3)["steps_to_target"] is None
