@@ -103,9 +103,10 @@ def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
 
 
 def is_finished(directory: Path, total_steps: int) -> bool:
-    """True when the run's last checkpoint is its final step."""
+    """True when the run's last checkpoint is at or past its final step (a longer run counts as finished)."""
     latest = directory / "checkpoints" / "latest"
-    return latest.is_file() and latest.read_text().strip() == f"step_{total_steps - 1:06d}"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    return name.startswith("step_") and name[5:].isdigit() and int(name[5:]) >= total_steps - 1
 
 
 def train_one(overrides: list[str], pool_factory) -> bool:

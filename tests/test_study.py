@@ -76,6 +76,14 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert (tmp_path / "runs/pcm/seed0/metrics.jsonl").read_text() == before
     assert len(read_metrics(tmp_path / "runs/pcm/seed1/metrics.jsonl")) == 2
 
+    # raising total_steps extends finished runs; a shorter setting leaves them as they are
+    options, extra = _study(tmp_path, "variants=[pcm]", "target=0.3", "smooth=1")
+    study.run_study(options, extra + ["trainer.total_steps=3"], pool)
+    assert [r["step"] for r in read_metrics(tmp_path / "runs/pcm/seed0/metrics.jsonl")] == [0, 1, 2]
+    assert study.is_finished(tmp_path / "runs/pcm/seed0", 2) and not study.is_finished(tmp_path / "runs/pcm/seed0", 4)
+    paths = study.run_study(options, extra, pool)
+    assert len(read_metrics(tmp_path / "runs/pcm/seed0/metrics.jsonl")) == 3
+
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     names = {p.name for p in paths}
     assert {"study.md", "study.json", "fig3_success.png", "fig4_update_cost.png", "fig5_budget_ablation.png",
@@ -84,7 +92,7 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert "| full | 2 |" in text and "| pcm | 2 |" in text and "1.00×" in text
     assert "Machine:" in text and "trainer.seed" not in text.split("## Setup")[0]
     summary = json.loads((tmp_path / "results/study.json").read_text())["summary"]
-    assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2
+    assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2.5
 
 
 def test_default_init_is_the_committed_sft_policy(monkeypatch):
