@@ -8,15 +8,19 @@ Every variant trains from the same SFT policy (``init``, by default the committe
 validation settings (``STUDY_SETTINGS``, then any trainer ``section.key=value`` given here);
 only the chunk selection differs (``VARIANTS``). Each (variant, seed) is a run directory
 ``runs/<variant>/seed<k>``: a finished run is skipped, an interrupted one resumes from its last
-checkpoint, so invocations accumulate. After every run the study page is rewritten from all
-runs found under ``runs``: ``out/study.md`` (Table 1 analogue, time split, setup), the figures
-``out/*.png`` and ``out/study.json``. ``report_only=true`` only rewrites the page.
+checkpoint, so invocations accumulate; raising ``trainer.total_steps`` extends finished runs.
+After every run each run's ``metrics.jsonl`` and ``config.json`` are copied to
+``out/runs/<variant>/seed<k>/`` (kept with the results; a run found only there, complete, is
+not retrained) and the page is rewritten from them: ``out/study.md`` (Table 1 analogue, time
+split, setup), the figures ``out/*.png`` and ``out/study.json``. ``report_only=true`` only
+rewrites the page.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -25,6 +29,7 @@ from typing import Optional
 
 from pcm_train import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config
+from pcm_train.metrics_log import read_metrics
 
 # The committed SFT starting point (docs/results/README.md says how it was made).
 INIT_POLICY = "docs/results/init_policy"
@@ -109,6 +114,29 @@ def is_finished(directory: Path, total_steps: int) -> bool:
     return name.startswith("step_") and name[5:].isdigit() and int(name[5:]) >= total_steps - 1
 
 
+def archive_dir(study: StudyConfig, variant: str, seed: int) -> Path:
+    """Where a run's ``metrics.jsonl`` and ``config.json`` are kept with the results (committed)."""
+    return Path(study.out) / "runs" / variant / f"seed{seed}"
+
+
+def archive_runs(study: StudyConfig) -> None:
+    """Copies every live run's metrics and config beside the results, so the page survives the run dirs."""
+    for variant in VARIANTS:
+        for directory in sorted(Path(study.runs, variant).glob("seed*")):
+            if (directory / "metrics.jsonl").is_file():
+                target = Path(study.out) / "runs" / variant / directory.name
+                target.mkdir(parents=True, exist_ok=True)
+                for name in ("metrics.jsonl", "config.json"):
+                    if (directory / name).is_file():
+                        shutil.copyfile(directory / name, target / name)
+
+
+def archived_steps(directory: Path) -> int:
+    """Steps recorded in an archived run (0 if none)."""
+    metrics = directory / "metrics.jsonl"
+    return len(read_metrics(metrics)) if metrics.is_file() else 0
+
+
 def train_one(overrides: list[str], pool_factory) -> bool:
     """Trains (or resumes) one run to its total steps; returns False if stopped by Ctrl-C."""
     from pcm_train.trainer import Trainer
@@ -152,8 +180,10 @@ def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[P
     for seed in study.seeds:
         for variant in study.variants:
             overrides = run_overrides(study, variant, seed, extra)
-            load_config(overrides)  # a bad override fails before any training
-            if study.report_only:
+            total = load_config(overrides).trainer.total_steps  # a bad override fails before any training
+            done_elsewhere = (not (run_dir(study, variant, seed) / "metrics.jsonl").is_file()
+                              and archived_steps(archive_dir(study, variant, seed)) >= total)
+            if study.report_only or done_elsewhere:
                 continue
             print(f"study: {variant} seed {seed} -> {run_dir(study, variant, seed)}", file=sys.stderr)
             finished = train_one(overrides, pool_factory)
@@ -164,7 +194,8 @@ def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[P
 
 
 def write_page(study: StudyConfig, extra: list[str]) -> list[Path]:
-    runs = study_report.collect_runs(Path(study.runs), list(VARIANTS))
+    archive_runs(study)
+    runs = study_report.collect_runs(Path(study.out) / "runs", list(VARIANTS))
     return study_report.write_study(runs, Path(study.out), target=study.target, smooth=study.smooth,
                                     facts=setup_facts(study, extra))
 

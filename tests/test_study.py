@@ -92,6 +92,14 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert "| full | 2 |" in text and "| pcm | 2 |" in text and "1.00×" in text
     assert "Machine:" in text and "trainer.seed" not in text.split("## Setup")[0]
     summary = json.loads((tmp_path / "results/study.json").read_text())["summary"]
+    assert (tmp_path / "results/runs/pcm/seed0/metrics.jsonl").read_text() == \
+        (tmp_path / "runs/pcm/seed0/metrics.jsonl").read_text()
+
+    # the archived metrics alone carry the study to a fresh machine: finished runs are not retrained
+    options, extra = _study(tmp_path, "variants=[full,pcm]", "seeds=[0,1]", "runs=" + str(tmp_path / "fresh"))
+    study.run_study(options, extra, pool)
+    assert not (tmp_path / "fresh").exists()
+
     # the tables compare every run over the shortest run's steps
     assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2
     assert summary["pcm"]["seeds"]["0"]["steps_run"] == 3
