@@ -94,7 +94,7 @@ class ActorSection:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.4
     clip_ratio_c: Optional[float] = None  # verl's dual clip for A < 0; None = off (SimpleVLA-RL)
-    lr: float = 1e-5
+    lr: float = 1e-5  # 0 = the weights never change (a control run that only rolls out and scores)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 2.0
@@ -110,7 +110,7 @@ class ActorSection:
         _above(f"{prefix}.clip_ratio_high", self.clip_ratio_high, 0.0)
         if self.clip_ratio_c is not None:
             _above(f"{prefix}.clip_ratio_c", self.clip_ratio_c, 1.0)
-        _above(f"{prefix}.lr", self.lr, 0.0)
+        _at_least(f"{prefix}.lr", self.lr, 0.0)
         for index, beta in enumerate(self.betas):
             _within(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True)
         _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)

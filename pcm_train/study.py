@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "top_phase": ("pcm.strategy=top_phase", "pcm.budget=12"),
     "pcm_b8": ("pcm.strategy=pcm", "pcm.budget=8"),
     "pcm_b16": ("pcm.strategy=pcm", "pcm.budget=16"),
+    # control: the SFT policy unchanged, rolled out on the same prompts (what "no learning" scores)
+    "frozen": ("pcm.strategy=full", "actor.lr=0"),
 }
 
 # Shared by every run: state mode on camera-less LIBERO-Object, sized for ~10 min per run on 2 cores.

@@ -226,7 +226,9 @@ def _dot_bars(ax, summary, names, labels, key) -> None:
 
 def fig_allocation(runs, out: Path) -> Path:
     """Fig. 6: kept chunks per trajectory by phase over training (mean over seeds), per variant with a budget."""
-    names = [v for v in runs if v != "full"] or list(runs)
+    masking = [v for v, seeds in runs.items()  # variants that drop chunks (not full or the frozen control)
+               if any(r["pcm/kept_fraction"] < 1.0 for rows in seeds.values() for r in rows)]
+    names = masking or list(runs)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False, sharey=True)
     for ax, variant in zip(axes[0], names):
         rows_list = list(runs[variant].values())

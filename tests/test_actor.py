@@ -89,6 +89,19 @@ def test_budget_covering_every_chunk_equals_full(policy, batch):
         assert torch.equal(x, y)
 
 
+def test_zero_learning_rate_leaves_the_weights_unchanged():
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=16, vision_width=32, vision_layers=1, vision_heads=2))
+    fresh = synthetic_rollout_batch(policy, num_prompts=2, group_size=3, num_chunks=C, seed=1)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    cfg, kept, _ = _shrink(policy, fresh, "pcm.budget=3", "actor.lr=0", "actor.weight_decay=0.1")
+    stats, _, _ = update_actor(policy, make_optimizer(policy, cfg.actor), kept, cfg.actor)
+    assert stats.grad_norm > 0  # gradients were computed, the step moved nothing
+    for n, p in policy.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_update_trains_lora_only_and_scatters_log_probs(batch):
     torch.manual_seed(0)
     policy = SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

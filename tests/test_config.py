@@ -134,7 +134,6 @@ def test_malformed_overrides(override, message):
         ("actor.clip_ratio_low=1", "actor.clip_ratio_low"),
         ("actor.clip_ratio_high=0", "actor.clip_ratio_high"),
         ("actor.clip_ratio_c=1", "actor.clip_ratio_c"),
-        ("actor.lr=0", "actor.lr"),
         ("actor.lr=-1e-5", "actor.lr"),
         ("actor.betas=[0.9,1.0]", "actor.betas[1]"),
         ("actor.weight_decay=-0.1", "actor.weight_decay"),

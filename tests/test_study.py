@@ -28,6 +28,7 @@ def test_parse_args_splits_study_options_from_trainer_overrides(tmp_path):
     assert "pcm.budget=8" in overrides and "trainer.seed=4" in overrides
     assert f"trainer.output_dir={tmp_path / 'runs' / 'pcm_b8' / 'seed4'}" in overrides
     assert overrides[-len(TINY):] == TINY  # the user's settings win
+    assert "actor.lr=0" in study.run_overrides(options, "frozen", 0, extra)  # the no-learning control
 
 
 @pytest.mark.parametrize("arg, message", [("variants=[full,pcm_b32]", "variants"), ("seeds=[]", "seeds"),
