@@ -211,6 +211,11 @@ def fig_budget_ablation(summary, out: Path) -> Path:
     abl_names = [v for v in ("full", "pcm", "random", "top_phase") if v in summary]
     _dot_bars(ablate, summary, abl_names, abl_names, "final_success")
     ablate.set(title="selection rule at B = 12", ylabel="final training success")
+    if "frozen" in summary:  # the no-learning control on the same prompts
+        for ax in (sweep, ablate):
+            ax.axhline(summary["frozen"]["aggregate"]["final_success"]["mean"], color="grey", ls="--",
+                       label="frozen SFT policy")
+        ablate.legend(fontsize=8)
     return _save(fig, out / "fig5_budget_ablation.png")
 
 
