@@ -25,13 +25,16 @@ MIB = 2 ** 20
 
 
 def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[dict]]]:
-    """Every ``root/<variant>/seed<k>/metrics.jsonl`` with at least one step, variants in the given order."""
+    """Every complete ``root/<variant>/seed<k>/`` run (all ``trainer.total_steps`` of its ``config.json``
+    in ``metrics.jsonl``), variants in the given order; runs still in progress are left out."""
     runs: dict[str, dict[int, list[dict]]] = {}
     for variant in variants:
         for directory in sorted(Path(root, variant).glob("seed*")):
-            metrics = directory / "metrics.jsonl"
-            rows = read_metrics(metrics) if metrics.is_file() else []
-            if rows and directory.name[4:].isdigit():
+            metrics, config = directory / "metrics.jsonl", directory / "config.json"
+            if not (metrics.is_file() and config.is_file() and directory.name[4:].isdigit()):
+                continue
+            rows = read_metrics(metrics)
+            if rows and len(rows) >= json.loads(config.read_text())["trainer"]["total_steps"]:
                 runs.setdefault(variant, {})[int(directory.name[4:])] = rows
     return runs
 
@@ -296,7 +299,7 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         f"Target: training success, mean of the last {smooth} steps, ≥ {target:.0%}. "
         "Training time excludes validation. ± is the standard deviation over seeds. "
         f"Tables use the first {horizon} steps of every run (the shortest run's length; "
-        "the figures show every step).", "",
+        "the figures show every step). Runs still in progress are left out until complete.", "",
         "## Table 1 analogue", "", table_one(summary, target), "",
         "## Cost of a step", "", cost_table(summary), "",
         "## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "",

@@ -101,6 +101,13 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     study.run_study(options, extra, pool)
     assert not (tmp_path / "fresh").exists()
 
+    # a run in progress stays out of the page until it is complete
+    partial = tmp_path / "runs/random/seed0"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text((tmp_path / "runs/pcm/seed0/config.json").read_text())
+    (partial / "metrics.jsonl").write_text((tmp_path / "runs/pcm/seed1/metrics.jsonl").read_text().splitlines()[0])
+    assert "random" not in study_report.collect_runs(tmp_path / "runs", list(study.VARIANTS))
+
     # the tables compare every run over the shortest run's steps
     assert set(summary["pcm"]["seeds"]) == {"0", "1"} and summary["pcm"]["aggregate"]["steps"]["mean"] == 2
     assert summary["pcm"]["seeds"]["0"]["steps_run"] == 3
