@@ -54,7 +54,7 @@ def plot_success(runs, out: Path) -> Path:
     by_step.set(xlabel="step", ylabel="success rate", ylim=(-0.02, 1.02), title="success vs step")
     by_time.set(xlabel="wall-clock (min)", ylim=(-0.02, 1.02), title="success vs wall-clock")
     by_step.legend(fontsize=7)
-    return _save(fig, out / "success.png")
+    return save_figure(fig, out / "success.png")
 
 
 def plot_allocation(runs, out: Path) -> Path:
@@ -65,7 +65,7 @@ def plot_allocation(runs, out: Path) -> Path:
         ax.stackplot(steps, stacks, labels=PHASE_NAMES)
         ax.set(xlabel="step", ylabel="kept chunks per trajectory", title=label)
     axes[0][0].legend(fontsize=7, loc="upper left")
-    return _save(fig, out / "allocation.png")
+    return save_figure(fig, out / "allocation.png")
 
 
 def plot_phase_scores(runs, out: Path) -> Path:
@@ -85,7 +85,7 @@ def plot_phase_scores(runs, out: Path) -> Path:
     bars.set_xticks([k + 0.4 - width / 2 for k in range(len(PHASE_NAMES))], PHASE_NAMES, rotation=20, fontsize=8)
     bars.set(ylabel="mean C_c", title="success/failure divergence by phase")
     bars.legend(fontsize=7)
-    return _save(fig, out / "phase_scores.png")
+    return save_figure(fig, out / "phase_scores.png")
 
 
 def plot_time_split(runs, out: Path) -> Path:
@@ -104,12 +104,13 @@ def plot_time_split(runs, out: Path) -> Path:
     ax.set(ylabel="seconds per step", title="where a step's time goes")
     ax.tick_params(axis="x", labelsize=7, rotation=15)
     ax.legend(fontsize=7)
-    return _save(fig, out / "time_split.png")
+    return save_figure(fig, out / "time_split.png")
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lays out, writes and closes a figure; returns ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

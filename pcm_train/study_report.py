@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from pcm_train.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.metrics_log import read_metrics  # noqa: E402
+from pcm_train.report import save_figure  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -178,7 +179,7 @@ def fig_success(runs, out: Path, target: float, smooth: int) -> Path:
     by_step.set(xlabel="step", title="success vs step (▲ greedy validation)")
     by_time.set(xlabel="training wall-clock (min, validation excluded)", title="success vs wall-clock")
     by_step.legend(fontsize=8)
-    return _save(fig, out / "fig3_success.png")
+    return save_figure(fig, out / "fig3_success.png", dpi=100)
 
 
 def fig_update_cost(runs, summary, out: Path) -> Path:
@@ -197,7 +198,7 @@ def fig_update_cost(runs, summary, out: Path) -> Path:
         mem.text(i, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
     mem.set(ylabel="MiB (mean per update)", title="activation memory saved for backward")
     mem.tick_params(axis="x", rotation=15)
-    return _save(fig, out / "fig4_update_cost.png")
+    return save_figure(fig, out / "fig4_update_cost.png", dpi=100)
 
 
 def fig_budget_ablation(summary, out: Path) -> Path:
@@ -219,7 +220,7 @@ def fig_budget_ablation(summary, out: Path) -> Path:
             ax.axhline(summary["frozen"]["aggregate"]["final_success"]["mean"], color="grey", ls="--",
                        label="frozen SFT policy")
         ablate.legend(fontsize=8)
-    return _save(fig, out / "fig5_budget_ablation.png")
+    return save_figure(fig, out / "fig5_budget_ablation.png", dpi=100)
 
 
 def _dot_bars(ax, summary, names, labels, key) -> None:
@@ -247,7 +248,7 @@ def fig_allocation(runs, out: Path) -> Path:
         ax.set(xlabel="step", title=variant)
     axes[0][0].set_ylabel("kept chunks per trajectory")
     axes[0][0].legend(fontsize=7, loc="upper left")
-    return _save(fig, out / "fig6_allocation.png")
+    return save_figure(fig, out / "fig6_allocation.png", dpi=100)
 
 
 def fig_time_split(summary, out: Path) -> Path:
@@ -265,14 +266,7 @@ def fig_time_split(summary, out: Path) -> Path:
     ax.set(ylabel="seconds per step", title="where a step's time goes")
     ax.tick_params(axis="x", rotation=15)
     ax.legend(fontsize=7)
-    return _save(fig, out / "time_split.png")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "time_split.png", dpi=100)
 
 
 def _json_safe(value):
