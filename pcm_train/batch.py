@@ -81,15 +81,19 @@ def executed_actions(responses: torch.Tensor, *, action_token_start: int, action
     return normalized, gripper
 
 
-def shrink_batch(batch: DataProto, index: torch.Tensor, *, action_chunk: int, action_dim: int) -> DataProto:
+def shrink_batch(batch: DataProto, index: torch.Tensor, *, action_chunk: int, action_dim: int,
+                 chunk_weights: torch.Tensor | None = None) -> DataProto:
     """Keep the chunks named by ``index`` int64 [N, B] (-1 = none): a DataProto of M chunk rows.
 
     Rows are trajectory-major, then index order. Keys: ``input_ids``, ``attention_mask`` [M, P],
     ``pixel_values`` [M, *image], ``responses`` [M, A], ``response_mask`` bool [M, A] (valid tokens),
     ``old_log_probs``, ``advantages`` [M, A] (where present), ``traj_index`` int64 [M],
-    ``chunk_index`` int64 [M]. ``meta_info``: ``num_traj`` N, ``traj_token_counts`` int64 [N]
-    (kept valid tokens per trajectory, the loss normalization), ``num_chunks`` C, and ``rows``, the
-    ``PackedChunks`` layout that ``scatter_chunks`` takes to put [M, ...] rows back as [N, C, ...].
+    ``chunk_index`` int64 [M], and with ``chunk_weights`` float [N, B] (the unbiased estimator's
+    1/q per kept chunk, aligned with ``index``) ``chunk_weight`` float32 [M]. ``meta_info``:
+    ``num_traj`` N, ``traj_token_counts`` int64 [N] (kept valid tokens per trajectory),
+    ``traj_valid_tokens`` int64 [N] (valid tokens per trajectory, kept or not), ``num_chunks`` C,
+    and ``rows``, the ``PackedChunks`` layout that ``scatter_chunks`` takes to put [M, ...] rows
+    back as [N, C, ...].
     """
     N, C = check_rollout_batch(batch, action_chunk=action_chunk, action_dim=action_dim,
                                need_advantages=False)
@@ -104,7 +108,13 @@ def shrink_batch(batch: DataProto, index: torch.Tensor, *, action_chunk: int, ac
             kept[key] = rows.gather(batch.batch[key].view(N, C, 1, A))
     kept["traj_index"] = rows.trajectory_ids
     kept["chunk_index"] = rows.chunk_ids % C
+    if chunk_weights is not None:
+        if chunk_weights.shape != index.shape or not chunk_weights.is_floating_point():
+            raise ValueError(f"chunk_weights must be a float tensor shaped like index {tuple(index.shape)}, "
+                             f"got {chunk_weights.dtype} {tuple(chunk_weights.shape)}")
+        kept["chunk_weight"] = chunk_weights.to(device=index.device, dtype=torch.float32)[index >= 0]
     counts = torch.zeros(N, dtype=torch.int64, device=index.device)
     counts.index_add_(0, rows.trajectory_ids, kept["response_mask"].sum(-1))
-    return DataProto.from_dict(tensors=kept, meta_info={"num_traj": N, "traj_token_counts": counts,
-                                                         "num_chunks": C, "rows": rows})
+    return DataProto.from_dict(tensors=kept, meta_info={
+        "num_traj": N, "traj_token_counts": counts, "traj_valid_tokens": valid_tokens.sum(-1).to(index.device),
+        "num_chunks": C, "rows": rows})

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 STRATEGIES = ("full", "random", "top_phase", "pcm")
-LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean")
+LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # verl's agg_loss
+KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # verl's kl_penalty
+ESTIMATORS = ("biased", "unbiased")
 DTYPES = ("float32", "bfloat16", "float16")
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 POLICIES = ("small_vla", "openvla_oft")
@@ -42,6 +46,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "policy.lora_r=8",
         "policy.lora_alpha=8",
         "actor.lr=1e-4",
+        "actor.ppo_mini_batch=1",
     ),
     "paper": (
         "policy.name=openvla_oft",
@@ -69,6 +74,7 @@ class PCMSection:
     grip: float = 0.5  # ACTIVE_GRIP at or above this grip fraction
     low: float = 0.1  # PRE_GRASP lower bound
     window: int = 3  # W: chunks before/after a grasp interval
+    estimator: str = "biased"  # one of ESTIMATORS: "unbiased" weights kept chunks by 1/q (docs/METHOD.md)
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.strategy", self.strategy, STRATEGIES)
@@ -85,6 +91,7 @@ class PCMSection:
                 f"got {self.low} / {self.grip} / {self.sustain}"
             )
         _at_least(f"{prefix}.window", self.window, 0)
+        _one_of(f"{prefix}.estimator", self.estimator, ESTIMATORS)
 
 
 @dataclass
@@ -98,12 +105,15 @@ class ActorSection:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 2.0
-    ppo_epochs: int = 1
+    ppo_mini_batch: int = 2  # prompts (x rollout.group_size trajectories) per optimizer step; verl's ppo_mini_batch_size
+    ppo_epochs: int = 1  # passes over the rollout batch
+    shuffle: bool = True  # reshuffle trajectories into mini-batches every epoch (seeded by trainer.seed)
     temperature: float = 1.6  # rollout and log-prob temperature
     loss_agg_mode: str = "seq-mean-token-mean"  # one of LOSS_AGG_MODES
-    micro_batch_trajectories: int = 1  # trajectories (all their kept chunks) per forward/backward
+    micro_batch_trajectories: int = 1  # trajectories (all their kept chunks) per forward/backward; memory only
     gradient_checkpointing: bool = False  # recompute decoder activations in backward
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # > 0: KL to the base policy (LoRA adapters disabled); needs policy.lora_r > 0
+    kl_type: str = "low_var_kl"  # one of KL_TYPES
 
     def validate(self, prefix: str) -> None:
         _within(f"{prefix}.clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, low_open=True, high_open=True)
@@ -111,15 +121,19 @@ class ActorSection:
         if self.clip_ratio_c is not None:
             _above(f"{prefix}.clip_ratio_c", self.clip_ratio_c, 1.0)
         _at_least(f"{prefix}.lr", self.lr, 0.0)
+        _finite(f"{prefix}.lr", self.lr)
         for index, beta in enumerate(self.betas):
             _within(f"{prefix}.betas[{index}]", beta, 0.0, 1.0, high_open=True)
         _at_least(f"{prefix}.weight_decay", self.weight_decay, 0.0)
         _above(f"{prefix}.grad_clip", self.grad_clip, 0.0)
+        _at_least(f"{prefix}.ppo_mini_batch", self.ppo_mini_batch, 1)
         _at_least(f"{prefix}.ppo_epochs", self.ppo_epochs, 1)
         _above(f"{prefix}.temperature", self.temperature, 0.0)
         _one_of(f"{prefix}.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _at_least(f"{prefix}.micro_batch_trajectories", self.micro_batch_trajectories, 1)
         _at_least(f"{prefix}.kl_coef", self.kl_coef, 0.0)
+        _finite(f"{prefix}.kl_coef", self.kl_coef)
+        _one_of(f"{prefix}.kl_type", self.kl_type, KL_TYPES)
 
 
 @dataclass
@@ -262,6 +276,22 @@ def validate(config: PCMTrainConfig) -> None:
         section = getattr(config, item.name)
         if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
             section.validate(item.name)
+    _check_combinations(config)
+
+
+def _check_combinations(config: PCMTrainConfig) -> None:
+    """Rules that span sections."""
+    prompts, mini = config.rollout.prompts_per_step, config.actor.ppo_mini_batch
+    if prompts % mini:
+        raise ConfigError(f"actor.ppo_mini_batch ({mini}) must divide rollout.prompts_per_step ({prompts}): "
+                          "every optimizer step takes the same number of prompts' trajectories")
+    if config.actor.kl_coef > 0 and config.policy.lora_r == 0:
+        raise ConfigError("actor.kl_coef > 0 needs LoRA (policy.lora_r > 0): the KL reference is the base policy "
+                          "with the adapters disabled, so no second model is kept in memory")
+    if config.pcm.strategy in ("pcm", "random") and config.pcm.budget >= config.rollout.max_chunks:
+        warnings.warn(f"pcm.budget ({config.pcm.budget}) >= rollout.max_chunks ({config.rollout.max_chunks}): "
+                      f"every valid chunk is kept, so pcm.strategy={config.pcm.strategy} trains as "
+                      "pcm.strategy=full", UserWarning, stacklevel=3)
 
 
 def config_to_dict(config: PCMTrainConfig) -> dict[str, Any]:
@@ -407,6 +437,11 @@ def _one_of(key: str, value: Any, choices: tuple) -> None:
 def _at_least(key: str, value: float, low: float) -> None:
     if not value >= low:  # also rejects NaN
         raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
 
 
 def _above(key: str, value: float, low: float) -> None:

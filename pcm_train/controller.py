@@ -43,6 +43,9 @@ def _random(controller):
 
 @register_strategy("top_phase")
 def _top_phase(controller):
+    """Weight 1 for the phase(s) with the highest keep probability, 0 elsewhere. Before any phase
+    score exists (all keep probabilities 1) every phase ties, so the draw is uniform over valid
+    chunks, as ``random``; ``pcm/scores_ready`` = 0 in the metrics marks those steps."""
     probs = controller.keep_probs
     return (probs == probs.max()).to(torch.float32)
 
@@ -59,6 +62,8 @@ class Selection:
     labels: int8 [N, C] phase per chunk (-1 past the trajectory end).
     index: int64 [N, B'] kept chunk ids per trajectory, ascending, -1 padded
         (B' = budget, or C for ``full``).
+    weights: float32 [N, B'] the unbiased estimator's 1/q per kept chunk (0 at padding;
+        1 for ``full``) when ``pcm.estimator=unbiased``, else None.
     scores: float32 [P] this step's C_c; defined: bool [P].
     keep_probs: float32 [P] keep probabilities used for this step.
     metrics: flat dict of floats for logging.
@@ -66,6 +71,7 @@ class Selection:
 
     labels: torch.Tensor
     index: torch.Tensor
+    weights: Optional[torch.Tensor]
     scores: torch.Tensor
     defined: torch.Tensor
     keep_probs: torch.Tensor
@@ -128,13 +134,20 @@ class PCMController:
         if refreshed:
             self._refresh()
         phase_weights = STRATEGY_REGISTRY[self.cfg.strategy](self)
+        unbiased = self.cfg.estimator == "unbiased"
+        weights = None
         if phase_weights is None:
             index = self._all_valid(labels)
+            if unbiased:
+                weights = (index >= 0).to(torch.float32)
         else:
-            _, index = pk.select_chunks(gripper, num_steps, phase_weights, self.cfg.budget,
-                                        generator=self._device_generator(gripper.device), **self.label_kwargs)
+            drawn = pk.select_chunks(gripper, num_steps, phase_weights, self.cfg.budget,
+                                     generator=self._device_generator(gripper.device), return_weights=unbiased,
+                                     **self.label_kwargs)
+            index = drawn[1]
+            weights = drawn[2] if unbiased else None
         self.steps_done += 1
-        selection = Selection(labels, index, scores.cpu(), defined.cpu(), self.keep_probs.clone())
+        selection = Selection(labels, index, weights, scores.cpu(), defined.cpu(), self.keep_probs.clone())
         selection.metrics = self._metrics(selection, refreshed)
         return selection
 
@@ -157,7 +170,12 @@ class PCMController:
         kept_labels = labels.gather(1, sel.index.clamp(min=0))[kept]
         valid = int((labels >= 0).sum())
         out = {"pcm/kept_fraction": float(kept.sum()) / max(valid, 1), "pcm/refreshed": float(refreshed),
+               "pcm/scores_ready": float(bool(self.mean_scores.sum() > 0)),
                "pcm/valid_chunks_per_traj": valid / max(N, 1)}
+        if sel.weights is not None:
+            kept_weights = sel.weights[kept]
+            out["pcm/estimator_weight_mean"] = float(kept_weights.mean()) if kept_weights.numel() else 0.0
+            out["pcm/estimator_weight_max"] = float(kept_weights.max()) if kept_weights.numel() else 0.0
         kept_counts = torch.bincount(kept_labels.cpu(), minlength=self.num_phases)
         phase_counts = torch.bincount(labels[labels >= 0].cpu(), minlength=self.num_phases)
         for p, name in enumerate(PHASE_NAMES):

@@ -1,9 +1,10 @@
 """Data-parallel actor updates across ``torchrun`` processes.
 
-Each rank forwards and backwards its share of the kept chunks (whole
-trajectories, so micro-batches stay per trajectory); the loss of every token is
-already normalized over the whole batch (``traj_token_counts``), so summing the
-ranks' gradients with one all-reduce gives exactly the single-process update.
+For every PPO mini-batch each rank forwards and backwards its share of the
+mini-batch's trajectories (whole trajectories, so micro-batches stay per
+trajectory); the loss of every token is already normalized over the whole
+mini-batch, so summing the ranks' gradients with one all-reduce before each
+optimizer step gives exactly the single-process update.
 Every rank then clips and steps the same gradients, keeping the weights in sync
 without a DDP wrapper (LoRA trains a few MB of adapters; the frozen base is
 never communicated). Rollouts and the controller run on rank 0 only, which
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from verl import DataProto
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,6 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
-
-
-def shard_by_trajectory(kept: DataProto, rank: int, world_size: int) -> DataProto:
-    """This rank's rows of a shrunk batch: trajectories ``rank, rank + world_size, ...`` (meta_info kept whole)."""
-    if world_size == 1:
-        return kept
-    rows = torch.nonzero(kept.batch["traj_index"] % world_size == rank).flatten()
-    shard = DataProto(batch=kept.batch[rows], meta_info=dict(kept.meta_info))
-    shard.meta_info["rows_in_full_batch"] = rows
-    return shard
 
 
 def all_reduce_gradients(parameters) -> None:

@@ -100,6 +100,13 @@ def policy_loss(
     traj_token_counts: torch.Tensor | None = None,
     clip_ratio_c: float | None = None,
     loss_agg_mode: str = "seq-mean-token-mean",
+    *,
+    num_sequences: float | None = None,
+    num_tokens: float | None = None,
+    horizon: int | None = None,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "low_var_kl",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip loss over a packed 1-D list of kept valid action tokens.
 
@@ -109,27 +116,36 @@ def policy_loss(
     The per-token term ``-min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A)``
     is verl's ``"vanilla"`` policy loss. ``clip_ratio_c`` is verl's dual-clip
     bound for A < 0; None (default) disables it, as SimpleVLA-RL does.
-    ``weights`` [T] (optional) multiplies each token's term (the 1/p variant);
-    it does not change the normalization.
+    ``weights`` [T] (optional) multiplies each token's term (the unbiased
+    estimator's 1/q weights); it does not change the normalization.
 
-    Aggregation, ``"seq-mean-token-mean"`` (SimpleVLA-RL): token-mean over
-    each trajectory's kept tokens, then mean over the trajectories with at
-    least one kept token (verl's rule for fully masked sequences; in PCM that
-    is every trajectory with finish_step > 0, so it matches SimpleVLA-RL's
-    mean over the mini-batch). ``"token-mean"``: mean over all kept tokens.
+    Aggregation is verl's ``agg_loss`` over one optimizer step's batch (a PPO
+    mini-batch), with its global batch info made explicit:
 
-    Micro-batching: ``traj_token_counts`` int64 [num_traj] is the number of
-    kept tokens of each trajectory over the WHOLE batch whose gradients are
-    accumulated into one optimizer step. With it, a call on any subset of the
-    tokens returns that subset's share of the full loss, so the sum of
-    ``backward()`` over disjoint micro-batches equals the full loss's
-    gradient. None means this call holds the whole batch.
+    - ``"seq-mean-token-mean"`` (SimpleVLA-RL): token-mean within each
+      trajectory (over ``traj_token_counts[t]`` tokens), then sum over
+      trajectories divided by ``num_sequences``;
+    - ``"token-mean"``: sum over tokens divided by ``num_tokens``;
+    - ``"seq-mean-token-sum"``: per-trajectory token sums divided by
+      ``num_sequences``; ``"seq-mean-token-sum-norm"`` also by ``horizon``.
+
+    ``traj_token_counts`` int64 [num_traj] counts each trajectory's tokens over
+    the WHOLE mini-batch whose gradients are accumulated into one optimizer
+    step, so a call on any subset of the tokens (a micro-batch, a rank's share)
+    returns that subset's share of the full loss: the sum of ``backward()``
+    over disjoint parts equals the full loss's gradient. ``num_sequences``
+    defaults to the trajectories with a non-zero count (verl's rule),
+    ``num_tokens`` to the counts' sum (``horizon`` has no default); None counts means this call holds the whole mini-batch.
+
+    KL (verl's ``kl_penalty`` of ``kl_type``, e.g. ``low_var_kl``, against
+    ``ref_log_prob`` [T]) is added as ``kl_coef`` times the same aggregation.
 
     Metrics are verl's (``actor/pg_clipfrac``, ``actor/ppo_kl``,
     ``actor/pg_clipfrac_lower``; token means over this call's tokens) plus
-    ``actor/pg_loss``, this call's loss.
+    ``actor/pg_loss`` (this call's share of the policy-gradient loss) and,
+    with a reference, ``actor/kl_loss``.
     """
-    num_tokens = _check_packed(log_prob, old_log_prob, advantages, traj_id, weights)
+    token_count = _check_packed(log_prob, old_log_prob, advantages, traj_id, weights, ref_log_prob)
     if num_traj < 1:
         raise ValueError(f"num_traj must be >= 1, got {num_traj}")
     if int(traj_id.min()) < 0 or int(traj_id.max()) >= num_traj:
@@ -146,11 +162,8 @@ def policy_loss(
     elif bool((traj_token_counts.to(local_counts.device) < local_counts).any()):
         raise ValueError("traj_token_counts is smaller than this call's token count for some trajectory")
     counts = traj_token_counts.to(device=log_prob.device, dtype=torch.float32)
-
-    if loss_agg_mode == "seq-mean-token-mean":
-        token_scale = 1.0 / (counts[traj_id] * (counts > 0).sum())
-    else:
-        token_scale = (1.0 / counts.sum()).expand(num_tokens)
+    token_scale = token_scales(traj_id, counts, loss_agg_mode, num_sequences=num_sequences, num_tokens=num_tokens,
+                               horizon=horizon)
     if weights is not None:
         token_scale = token_scale * weights.float()
 
@@ -171,15 +184,42 @@ def policy_loss(
         old_log_prob=old_log_prob.float().view(1, -1),
         log_prob=log_prob.float().view(1, -1),
         advantages=advantages.float().view(1, -1),
-        response_mask=torch.ones(1, num_tokens, device=log_prob.device),
+        response_mask=torch.ones(1, token_count, device=log_prob.device),
         loss_agg_mode="token-sum",
         config=config,
         rollout_is_weights=token_scale.view(1, -1),
     )
     metrics = {key: float(value) for key, value in verl_metrics.items()}
     metrics["actor/pg_loss"] = float(loss.detach())
+    if ref_log_prob is not None:
+        kl = core_algos.kl_penalty(log_prob.float(), ref_log_prob.float(), kl_type)
+        kl_loss = (kl * token_scale).sum()
+        metrics["actor/kl_loss"] = float(kl_loss.detach())
+        loss = loss + kl_coef * kl_loss
     return loss, metrics
 
+
+def token_scales(traj_id: torch.Tensor, counts: torch.Tensor, loss_agg_mode: str, *,
+                 num_sequences: float | None = None, num_tokens: float | None = None,
+                 horizon: int | None = None) -> torch.Tensor:
+    """float [T] per-token multipliers whose weighted token sum is verl's ``agg_loss`` (see ``policy_loss``).
+
+    traj_id: int64 [T]; counts: float [num_traj] tokens of each trajectory in the mini-batch.
+    """
+    if num_sequences is None:
+        num_sequences = (counts > 0).sum()
+    if num_tokens is None:
+        num_tokens = counts.sum()
+    ones = torch.ones_like(traj_id, dtype=torch.float32)
+    if loss_agg_mode == "token-mean":
+        return ones / num_tokens
+    if loss_agg_mode == "seq-mean-token-mean":
+        return 1.0 / (counts[traj_id] * num_sequences)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return ones / num_sequences
+    if horizon is None:
+        raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs horizon (tokens of a full-length trajectory)")
+    return ones / (num_sequences * horizon)
 
 def _check_finish_step(finish_step: torch.Tensor, num_chunks: int, steps_per_chunk: int) -> None:
     if finish_step.dim() != 1 or finish_step.dtype.is_floating_point or finish_step.dtype == torch.bool:
@@ -199,11 +239,13 @@ def _check_packed(
     advantages: torch.Tensor,
     traj_id: torch.Tensor,
     weights: torch.Tensor | None,
+    ref_log_prob: torch.Tensor | None = None,
 ) -> int:
     """Checks the packed token arrays share one 1-D shape [T], T > 0; returns T."""
     if log_prob.dim() != 1 or log_prob.numel() == 0:
         raise ValueError(f"log_prob must be a non-empty 1-D tensor, got shape {tuple(log_prob.shape)}")
-    named = {"old_log_prob": old_log_prob, "advantages": advantages, "traj_id": traj_id, "weights": weights}
+    named = {"old_log_prob": old_log_prob, "advantages": advantages, "traj_id": traj_id, "weights": weights,
+             "ref_log_prob": ref_log_prob}
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != log_prob.shape:
             raise ValueError(f"{name} must have shape {tuple(log_prob.shape)} got {tuple(tensor.shape)}")

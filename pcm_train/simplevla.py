@@ -26,9 +26,10 @@ def pcm_shrink_batch(batch: DataProto, controller: PCMController, *,
 
     Returns ``(kept, selection)``: ``kept`` is ``shrink_batch``'s DataProto of M chunk rows
     (``input_ids``, ``attention_mask``, ``pixel_values``, ``responses``, ``response_mask``,
-    ``old_log_probs``, ``advantages``, ``traj_index``; ``meta_info["traj_token_counts"]`` and
-    ``["num_traj"]`` normalize the seq-mean-token-mean loss); ``selection`` has the labels,
-    index, scores, keep probabilities and per-step metrics.
+    ``old_log_probs``, ``advantages``, ``traj_index``, and ``chunk_weight`` (1/q) under
+    ``pcm.estimator=unbiased``; ``meta_info["traj_token_counts"]``, ``["traj_valid_tokens"]`` and
+    ``["num_traj"]`` normalize the loss); ``selection`` has the labels, index, estimator weights,
+    scores, keep probabilities and per-step metrics.
     """
     check_rollout_batch(batch, action_chunk=action_chunk, action_dim=action_dim)
     normalized, gripper = executed_actions(batch.batch["responses"], action_token_start=action_token_start,
@@ -36,5 +37,6 @@ def pcm_shrink_batch(batch: DataProto, controller: PCMController, *,
     groups = group_ids(batch.non_tensor_batch["uid"]).to(gripper.device)
     selection = controller.step(gripper, batch.batch["finish_step"], normalized, batch.batch["complete"].bool(),
                                 groups)
-    kept = shrink_batch(batch, selection.index, action_chunk=action_chunk, action_dim=action_dim)
+    kept = shrink_batch(batch, selection.index, action_chunk=action_chunk, action_dim=action_dim,
+                        chunk_weights=selection.weights)
     return kept, selection

@@ -52,6 +52,11 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
                          num_steps_wait=cfg.rollout.num_steps_wait)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
     """``auto`` picks CUDA when present; under torchrun each rank takes its local GPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -83,6 +88,7 @@ class Trainer:
         self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
         self.episode_rng = np.random.default_rng(cfg.trainer.seed)
         self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)  # same on every rank
         self.step = 0
         self.wall_time_s = 0.0
         self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
@@ -130,7 +136,8 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
                 "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
-                "action_generator": self.action_generator.get_state(), "rng": ckpt.rng_states(),
+                "action_generator": self.action_generator.get_state(),
+                "shuffle_generator": self.shuffle_generator.get_state(), "rng": ckpt.rng_states(),
                 "config": config_to_dict(self.cfg)}
 
     def _load(self, path: Path) -> None:
@@ -139,6 +146,7 @@ class Trainer:
         self.controller.load_state_dict(state["controller"])
         self.episode_rng.bit_generator.state = state["episode_rng"]
         self.action_generator.set_state(state["action_generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
         ckpt.set_rng_states(state["rng"])
         self.step = state["step"] + 1
         self.wall_time_s = state["wall_time_s"]
@@ -179,13 +187,17 @@ class Trainer:
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
         advantages = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
         batch.batch["advantages"] = advantages
-        kept, selection = pcm_shrink_batch(batch.to(self.device), self.controller,
+        batch = batch.to(self.device)
+        select_started = time.perf_counter()
+        kept, selection = pcm_shrink_batch(batch, self.controller,
                                            action_token_start=self.policy.config.action_token_start,
                                            action_chunk=L, action_dim=D)
+        _sync(self.device)
+        select_time = time.perf_counter() - select_started
         if self.dist.enabled:  # broadcast travels through the CPU
             kept = _batch_to(kept, torch.device("cpu"))
         row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
-               "rollout_time_s": rollout_time,
+               "rollout_time_s": rollout_time, "select_time_s": select_time,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
                **_advantage_stats(advantages, mask), **selection.metrics}
         return {"kept": kept, "row": row, "started": started}
@@ -193,11 +205,15 @@ class Trainer:
     def learn(self, payload: dict) -> dict:
         """Every rank: the actor update on its share of the kept chunks; the step's metrics row."""
         kept = _batch_to(payload["kept"], self.device)
-        stats, loss_metrics, _ = update_actor(self.policy, self.optimizer, kept, self.cfg.actor, self.dist)
+        actor = self.cfg.actor
+        stats, loss_metrics, _ = update_actor(
+            self.policy, self.optimizer, kept, actor, self.dist,
+            mini_batch_trajectories=actor.ppo_mini_batch * self.cfg.rollout.group_size,
+            generator=self.shuffle_generator)
         return {**payload["row"], "update_time_s": stats.update_time_s, "forward_time_s": stats.forward_time_s,
                 "backward_time_s": stats.backward_time_s, "chunks_kept": stats.chunks, "tokens": stats.tokens,
                 "activation_bytes": stats.activation_bytes, "peak_memory_bytes": stats.peak_memory_bytes,
-                "grad_norm": stats.grad_norm, **loss_metrics}
+                **loss_metrics}
 
     def finish(self, row: dict, started: float) -> dict:
         """Rank 0: validation when due, then the step's timing split."""
@@ -255,7 +271,8 @@ class Trainer:
             for step in progress:
                 self.step = step
                 snapshot = (self.controller.state_dict(), self.episode_rng.bit_generator.state,
-                            self.action_generator.get_state(), ckpt.rng_states())
+                            self.action_generator.get_state(), self.shuffle_generator.get_state(),
+                            ckpt.rng_states())
                 try:
                     row = self._distributed_step() if self.dist.enabled else self.train_step()
                 except StopRequested:
@@ -283,10 +300,11 @@ class Trainer:
                 self.metrics.close()
 
     def _restore(self, snapshot) -> None:
-        controller, episode_rng, action_gen, rng = snapshot
+        controller, episode_rng, action_gen, shuffle_gen, rng = snapshot
         self.controller.load_state_dict(controller)
         self.episode_rng.bit_generator.state = episode_rng
         self.action_generator.set_state(action_gen)
+        self.shuffle_generator.set_state(shuffle_gen)
         ckpt.set_rng_states(rng)
 
     def close(self) -> None:

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -6,7 +7,9 @@ import torch
 from verl import DataProto
 
 from pcm_train import compare_update
-from pcm_train.actor import accumulate_gradients, make_optimizer, update_actor
+from verl.trainer.ppo import core_algos
+
+from pcm_train.actor import accumulate_gradients, chunk_log_probs, make_optimizer, mini_batches, update_actor
 from pcm_train.batch import shrink_batch
 from pcm_train.config import load_config
 from pcm_train.controller import PCMController
@@ -56,6 +59,138 @@ def _masked_full_batch_grads(policy, batch, index, cfg):
     policy.zero_grad()
     loss.backward()
     return _grads(policy)
+
+
+def _dense_masked_update(policy, batch, index, chunk_weights, cfg, mini_batch, generator):
+    """The reference update: every chunk of every trajectory through a padded per-chunk forward, a 0/1
+    mask of kept valid tokens (x 1/q where ``chunk_weights`` [N, B] is given), one optimizer step
+    (plain SGD) per mini-batch of a seeded permutation, ratios against the rollout's log-probs."""
+    N = batch.batch["responses"].shape[0]
+    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
+    chunk_kept.scatter_(1, index.clamp(min=0), index >= 0)
+    token_weight = torch.zeros(N, C)
+    if chunk_weights is not None:
+        token_weight.scatter_(1, index.clamp(min=0), torch.where(index >= 0, chunk_weights, 0.0))
+    token_weight = token_weight.repeat_interleave(56, dim=1)
+    valid = token_mask(batch.batch["finish_step"], C)
+    kept_tokens = valid & chunk_kept.repeat_interleave(56, dim=1)
+    counts = (valid if chunk_weights is not None else kept_tokens).sum(-1)
+    traj = torch.arange(N).unsqueeze(-1).expand_as(valid)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(trainable, lr=cfg.actor.lr)
+    for _ in range(cfg.actor.ppo_epochs):
+        order = torch.randperm(N, generator=generator).tolist()
+        for start in range(0, N, mini_batch):
+            members = torch.zeros(N, dtype=torch.bool)
+            members[order[start:start + mini_batch]] = True
+            mask = kept_tokens & members.unsqueeze(-1)
+            logits = policy.action_logits(batch.batch["input_ids"].flatten(0, 1),
+                                          batch.batch["attention_mask"].flatten(0, 1),
+                                          batch.batch["pixel_values"].flatten(0, 1))
+            logp = policy.log_probs(logits, batch.batch["responses"].flatten(0, 1),
+                                    cfg.actor.temperature).view(N, -1)
+            loss, _ = policy_loss(logp[mask], batch.batch["old_log_probs"][mask], batch.batch["advantages"][mask],
+                                  traj[mask], N, cfg.actor.clip_ratio_low, cfg.actor.clip_ratio_high,
+                                  weights=token_weight[mask] if chunk_weights is not None else None,
+                                  traj_token_counts=counts * members,
+                                  num_sequences=float((members & (valid.sum(-1) > 0)).sum()))
+            sgd.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.actor.grad_clip)
+            sgd.step()
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("mini_batch,epochs,micro", [(3, 1, 1), (2, 2, 2), (6, 2, 4)])
+def test_mini_batched_shrunk_update_equals_masked_dense(policy, batch, unbiased, mini_batch, epochs, micro):
+    cfg = load_config(["pcm.budget=3", "actor.lr=5", f"actor.ppo_epochs={epochs}",
+                       f"actor.micro_batch_trajectories={micro}"])
+    N = batch.batch["responses"].shape[0]
+    _, _, sel = _shrink(policy, batch, "pcm.budget=3")
+    chunk_weights = (1 + torch.rand(sel.index.shape, generator=torch.Generator().manual_seed(3)) * 3) \
+        * (sel.index >= 0) if unbiased else None
+    kept = shrink_batch(batch, sel.index, action_chunk=8, action_dim=7, chunk_weights=chunk_weights)
+    start = copy.deepcopy(policy.state_dict())
+    try:
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        stats, metrics, _ = update_actor(policy, torch.optim.SGD(trainable, lr=cfg.actor.lr), kept, cfg.actor,
+                                         mini_batch_trajectories=mini_batch,
+                                         generator=torch.Generator().manual_seed(7))
+        shrunk = copy.deepcopy(policy.state_dict())
+        policy.load_state_dict(start)
+        _dense_masked_update(policy, batch, sel.index, chunk_weights, cfg, mini_batch,
+                             torch.Generator().manual_seed(7))
+        for name, value in policy.state_dict().items():
+            torch.testing.assert_close(shrunk[name], value, rtol=1e-4, atol=1e-6, msg=name)
+        assert any(not torch.equal(shrunk[n], start[n]) for n in start)
+        steps = epochs * -(-N // mini_batch)
+        assert stats.optimizer_steps == steps and metrics["actor/optimizer_steps"] == steps
+        if steps > 1:
+            assert metrics["actor/pg_clipfrac"] > 0 and metrics["actor/ppo_kl"] != 0
+    finally:
+        policy.load_state_dict(start)
+
+
+def test_micro_batch_size_never_changes_the_update(policy, batch):
+    cfg, kept, _ = _shrink(policy, batch, "pcm.budget=3", "actor.lr=0.5", "actor.ppo_epochs=2")
+    start = copy.deepcopy(policy.state_dict())
+    results = []
+    try:
+        for micro in (1, 2, 6):
+            policy.load_state_dict(start)
+            cfg.actor.micro_batch_trajectories = micro
+            trainable = [p for p in policy.parameters() if p.requires_grad]
+            update_actor(policy, torch.optim.SGD(trainable, lr=cfg.actor.lr), kept, cfg.actor,
+                         mini_batch_trajectories=3, generator=torch.Generator().manual_seed(1))
+            results.append(copy.deepcopy(policy.state_dict()))
+        for other in results[1:]:
+            for name, value in results[0].items():
+                torch.testing.assert_close(other[name], value, rtol=1e-5, atol=1e-7)
+    finally:
+        policy.load_state_dict(start)
+
+
+def test_mini_batches_shuffle_from_the_generator():
+    a = mini_batches(10, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    b = mini_batches(10, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert a == b and [len(m) for m in a] == [4, 4, 2]
+    assert sorted(t for m in a for t in m) == list(range(10))
+    assert mini_batches(5, None, shuffle=False) == [[0, 1, 2, 3, 4]]
+    assert mini_batches(5, 2, shuffle=False) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="mini_batch_trajectories"):
+        mini_batches(5, 0, shuffle=False)
+
+
+def test_kl_to_the_base_policy_adds_verl_low_var_kl(batch):
+    """The reference is the base (adapters disabled): zero KL while LoRA is the identity, then the loss
+    grows by kl_coef x verl's low_var_kl between the adapted and the base log-probs."""
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=16, vision_width=32, vision_layers=1, vision_heads=2))
+    fresh = synthetic_rollout_batch(policy, num_prompts=2, group_size=3, num_chunks=C, seed=1)
+    policy.add_lora(4, 4)
+    cfg, kept, _ = _shrink(policy, fresh, "pcm.budget=3", "actor.lr=1e-2", "actor.kl_coef=0.1")
+    acc, _ = accumulate_gradients(policy, kept, cfg.actor)
+    assert acc.kl_loss == 0.0
+    update_actor(policy, make_optimizer(policy, cfg.actor), kept, cfg.actor, mini_batch_trajectories=3,
+                 generator=torch.Generator().manual_seed(0))
+    policy.zero_grad()
+    with_kl, _ = accumulate_gradients(policy, kept, cfg.actor)
+    cfg.actor.kl_coef = 0.0
+    policy.zero_grad()
+    without, _ = accumulate_gradients(policy, kept, cfg.actor)
+    mask = kept.batch["response_mask"]
+    with torch.no_grad():
+        adapted = chunk_log_probs(policy, kept.batch, cfg.actor.temperature)
+        with policy.adapters_disabled():
+            base = chunk_log_probs(policy, kept.batch, cfg.actor.temperature)
+    counts = kept.meta_info["traj_token_counts"].float()
+    per_token = core_algos.kl_penalty(adapted, base, "low_var_kl")
+    traj = kept.batch["traj_index"].unsqueeze(-1).expand_as(mask)
+    expected = (per_token[mask] / counts[traj[mask]]).sum() / kept.meta_info["num_traj"]
+    assert with_kl.kl_loss > 0
+    assert with_kl.kl_loss == pytest.approx(float(expected), rel=1e-4)
+    assert with_kl.loss == pytest.approx(without.loss + 0.1 * with_kl.kl_loss, rel=1e-5, abs=1e-9)
 
 
 @pytest.mark.parametrize("micro", [1, 4])

@@ -11,12 +11,13 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "preset": None,
     "pcm": {
         "strategy": "pcm", "budget": 12, "refresh_every": 5, "p_min": 0.1, "num_phases": 5,
-        "close_above": 0.0, "sustain": 0.75, "grip": 0.5, "low": 0.1, "window": 3,
+        "close_above": 0.0, "sustain": 0.75, "grip": 0.5, "low": 0.1, "window": 3, "estimator": "biased",
     },
     "actor": {
         "clip_ratio_low": 0.2, "clip_ratio_high": 0.4, "clip_ratio_c": None, "lr": 1e-5, "betas": (0.9, 0.999),
-        "weight_decay": 0.0, "grad_clip": 2.0, "ppo_epochs": 1, "temperature": 1.6,
-        "loss_agg_mode": "seq-mean-token-mean", "micro_batch_trajectories": 1, "gradient_checkpointing": False, "kl_coef": 0.0,
+        "weight_decay": 0.0, "grad_clip": 2.0, "ppo_mini_batch": 2, "ppo_epochs": 1, "shuffle": True,
+        "temperature": 1.6, "loss_agg_mode": "seq-mean-token-mean", "micro_batch_trajectories": 1,
+        "gradient_checkpointing": False, "kl_coef": 0.0, "kl_type": "low_var_kl",
     },
     "rollout": {
         "prompts_per_step": 8, "group_size": 10, "action_chunk": 8, "action_dim": 7, "max_chunks": 64,
@@ -140,7 +141,13 @@ def test_malformed_overrides(override, message):
         ("actor.grad_clip=0", "actor.grad_clip"),
         ("actor.ppo_epochs=0", "actor.ppo_epochs"),
         ("actor.temperature=0", "actor.temperature"),
-        ("actor.loss_agg_mode=seq-mean-token-sum", "actor.loss_agg_mode"),
+        ("actor.loss_agg_mode=seq-sum", "actor.loss_agg_mode"),
+        ("actor.ppo_mini_batch=0", "actor.ppo_mini_batch"),
+        ("actor.ppo_mini_batch=3", "actor.ppo_mini_batch"),  # does not divide 8 prompts
+        ("actor.lr=inf", "actor.lr"),
+        ("actor.kl_coef=inf", "actor.kl_coef"),
+        ("actor.kl_type=k9", "actor.kl_type"),
+        ("pcm.estimator=ht", "pcm.estimator"),
         ("actor.micro_batch_trajectories=0", "actor.micro_batch_trajectories"),
         ("actor.kl_coef=-1", "actor.kl_coef"),
         ("rollout.prompts_per_step=0", "rollout.prompts_per_step"),
@@ -166,6 +173,17 @@ def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as error:
         load_config([override])
     assert str(error.value).startswith(key)
+
+
+def test_budget_covering_every_chunk_warns_it_is_full():
+    with pytest.warns(UserWarning, match=r"pcm.budget \(64\) >= rollout.max_chunks \(64\).*pcm.strategy=full"):
+        load_config(["pcm.budget=64"])
+
+
+def test_kl_needs_lora_for_its_reference():
+    with pytest.raises(ConfigError, match="actor.kl_coef > 0 needs LoRA"):
+        load_config(["actor.kl_coef=0.01", "policy.lora_r=0"])
+    assert load_config(["actor.kl_coef=0.01"]).actor.kl_coef == 0.01
 
 
 def test_choice_errors_list_the_choices():

@@ -1,4 +1,4 @@
-"""Two gloo processes make the same actor update as one process."""
+"""Two gloo processes make the same actor update as one process (mini-batches, epochs, shuffling)."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -6,12 +6,12 @@ import torch.multiprocessing as mp
 from pcm_train.actor import update_actor
 from pcm_train.config import load_config
 from pcm_train.controller import PCMController
-from pcm_train.distributed import DistInfo, shard_by_trajectory
+from pcm_train.distributed import DistInfo
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.simplevla import pcm_shrink_batch
 from pcm_train.synthetic import synthetic_rollout_batch
 
-OVERRIDES = ["pcm.budget=3", "actor.lr=1e-2"]
+OVERRIDES = ["pcm.budget=3", "actor.lr=1e-2", "actor.ppo_epochs=2"]
 
 
 def _setup():
@@ -27,11 +27,14 @@ def _setup():
 
 
 def _trained(policy, cfg, kept, info):
-    """One update with plain SGD (lr 1): the parameter change is the clipped gradient itself, so the
-    comparison checks gradients; Adam would amplify rounding on near-zero gradients."""
+    """Two epochs of two shuffled mini-batches (3 trajectories each, so a rank may get 1 or 2 of them)
+    with plain SGD (lr 1): the parameter change is the clipped gradients themselves, so the comparison
+    checks gradients; Adam would amplify rounding on near-zero gradients."""
     torch.manual_seed(1)
     sgd = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
-    _, _, log_probs = update_actor(policy, sgd, kept, cfg.actor, info)
+    _, metrics, log_probs = update_actor(policy, sgd, kept, cfg.actor, info, mini_batch_trajectories=3,
+                                         generator=torch.Generator().manual_seed(5))
+    assert metrics["actor/optimizer_steps"] == 4
     return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}, log_probs
 
 
@@ -55,14 +58,6 @@ def test_two_processes_equal_one(tmp_path):
         for name, value in single.items():
             torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(result["log_probs"], single_log_probs, rtol=1e-5, atol=1e-6)
-
-
-def test_shards_split_trajectories():
-    _, _, kept = _setup()
-    shards = [shard_by_trajectory(kept, r, 2) for r in range(2)]
-    assert sum(len(s.batch["traj_index"]) for s in shards) == len(kept.batch["traj_index"])
-    assert set(shards[0].batch["traj_index"].tolist()).isdisjoint(shards[1].batch["traj_index"].tolist())
-    assert all(torch.equal(s.meta_info["traj_token_counts"], kept.meta_info["traj_token_counts"]) for s in shards)
 
 
 def _trainer_worker(rank, world_size, store, overrides):

@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 from verl.trainer.ppo import core_algos
 
+from pcm_train.config import LOSS_AGG_MODES
 from pcm_train.grpo import chunk_seqlens, grpo_advantages, policy_loss, token_mask
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.4
@@ -164,7 +165,7 @@ def test_one_trajectory_equals_verl_token_mean():
     assert 0.0 < metrics["actor/pg_clipfrac"] < 1.0
 
 
-@pytest.mark.parametrize("loss_agg_mode", ["seq-mean-token-mean", "token-mean"])
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
 def test_packed_equals_dense_masked(loss_agg_mode):
     new, old, advantages, keep = dense_batch()
     expected = verl_loss(new, old, advantages, keep, loss_agg_mode)
@@ -172,12 +173,41 @@ def test_packed_equals_dense_masked(loss_agg_mode):
 
     loss, _ = policy_loss(
         new[keep], old[keep], advantages[keep], pack(keep), keep.shape[0], CLIP_LOW, CLIP_HIGH,
-        clip_ratio_c=3.0, loss_agg_mode=loss_agg_mode,
+        clip_ratio_c=3.0, loss_agg_mode=loss_agg_mode, horizon=keep.shape[1],
     )
     (grad,) = torch.autograd.grad(loss, new)
 
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("loss_agg_mode", LOSS_AGG_MODES)
+def test_explicit_global_batch_info_equals_verl_agg_loss(loss_agg_mode):
+    """The trainer's denominators (SimpleVLA-RL's mean over every trajectory with valid tokens, here 6
+    although row 2 keeps nothing) passed to verl's agg_loss as its global batch info."""
+    new, old, advantages, keep = dense_batch(seed=8)
+    config = OmegaConf.create({"clip_ratio": CLIP_LOW, "clip_ratio_low": CLIP_LOW, "clip_ratio_high": CLIP_HIGH,
+                               "clip_ratio_c": 3.0, "global_batch_info": {"global_batch_size": 6,
+                                                                          "batch_num_tokens": 77,
+                                                                          "loss_scale_factor": 64}})
+    expected, _ = core_algos.compute_policy_loss_vanilla(old, new, advantages, keep.float(),
+                                                         loss_agg_mode=loss_agg_mode, config=config)
+    loss, _ = policy_loss(new[keep], old[keep], advantages[keep], pack(keep), 6, CLIP_LOW, CLIP_HIGH,
+                          clip_ratio_c=3.0, loss_agg_mode=loss_agg_mode, num_sequences=6, num_tokens=77, horizon=64)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["seq-mean-token-mean", "token-mean"])
+def test_kl_term_is_verl_kl_penalty_aggregated(loss_agg_mode):
+    new, old, advantages, keep = dense_batch(seed=9)
+    ref = old - 0.2 * torch.rand(old.shape, generator=torch.Generator().manual_seed(1))
+    plain, _ = policy_loss(new[keep], old[keep], advantages[keep], pack(keep), 6, CLIP_LOW, CLIP_HIGH,
+                           loss_agg_mode=loss_agg_mode)
+    with_kl, metrics = policy_loss(new[keep], old[keep], advantages[keep], pack(keep), 6, CLIP_LOW, CLIP_HIGH,
+                                   loss_agg_mode=loss_agg_mode, ref_log_prob=ref[keep], kl_coef=0.5)
+    kl = core_algos.agg_loss(core_algos.kl_penalty(new, ref, "low_var_kl"), keep.float(), loss_agg_mode)
+    torch.testing.assert_close(with_kl, plain + 0.5 * kl)
+    assert metrics["actor/kl_loss"] == pytest.approx(float(kl.detach()), rel=1e-5)
 
 
 def test_seq_mean_divides_by_trajectories_with_kept_tokens():
@@ -281,4 +311,8 @@ def test_policy_loss_rejects_bad_input():
     with pytest.raises(ValueError, match="traj_token_counts"):
         policy_loss(x, x, x, traj_id, 2, CLIP_LOW, CLIP_HIGH, traj_token_counts=torch.tensor([2, 2, 0]))
     with pytest.raises(ValueError, match="loss_agg_mode"):
-        policy_loss(x, x, x, traj_id, 2, CLIP_LOW, CLIP_HIGH, loss_agg_mode="seq-mean-token-sum")
+        policy_loss(x, x, x, traj_id, 2, CLIP_LOW, CLIP_HIGH, loss_agg_mode="seq-sum")
+    with pytest.raises(ValueError, match="horizon"):
+        policy_loss(x, x, x, traj_id, 2, CLIP_LOW, CLIP_HIGH, loss_agg_mode="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="ref_log_prob"):
+        policy_loss(x, x, x, traj_id, 2, CLIP_LOW, CLIP_HIGH, ref_log_prob=torch.zeros(3), kl_coef=0.1)

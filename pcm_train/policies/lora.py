@@ -1,6 +1,8 @@
 """LoRA adapters (peft) on a policy's ``language_model``, shared by every policy class."""
 from __future__ import annotations
 
+import contextlib
+
 from transformers import LlamaForCausalLM
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,6 +41,14 @@ class LoraLanguageModelMixin:
         self.requires_grad_(False)
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
         self.language_model = get_peft_model(self.language_model, lora)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Within this context the policy is its base model (the KL reference); adapters return after."""
+        if not self.has_lora:
+            raise ValueError("adapters_disabled: no LoRA adapters; the base policy is the policy itself")
+        with self.language_model.disable_adapter():
+            yield
 
     def save_lora(self, path: str) -> None:
         """Write the LoRA adapters (peft ``adapter_config.json`` + ``adapter_model.safetensors``) to ``path``."""
