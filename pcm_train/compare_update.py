@@ -7,7 +7,9 @@
 Builds a rollout-shaped batch (realistic gripper phases, mixed success in every
 group), then times three updates from identical starting weights: SimpleVLA-RL's
 (every chunk, padding included), ``full`` (every valid chunk) and ``pcm`` (B per
-trajectory). Prints a table of medians and ratios, or one JSON object.
+trajectory), each ``--ppo-mini-batch`` prompts per optimizer step, and PCM's
+selection itself (labels, scores, sampling, shrink). Prints a table of medians
+and ratios, or one JSON object.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -49,15 +52,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="policy dtype (default: float32 on the CPU, bfloat16 on CUDA)")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank, 0 = train every weight (default 8)")
     ap.add_argument("--micro-batch", type=int, default=1, help="trajectories per forward/backward (default 1)")
+    ap.add_argument("--ppo-mini-batch", type=int, default=None,
+                    help="prompts per optimizer step (default: all of them, one step per update)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute decoder activations in backward")
     ap.add_argument("--repeats", type=int, default=3, help="timed updates per mode, after one warm-up")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
-    for name in ("budget", "num_prompts", "group_size", "chunks", "hidden", "layers", "repeats", "micro_batch"):
+    args.ppo_mini_batch = args.ppo_mini_batch or args.num_prompts
+    for name in ("budget", "num_prompts", "group_size", "chunks", "hidden", "layers", "repeats", "micro_batch",
+                 "ppo_mini_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_prompts % args.ppo_mini_batch:
+        ap.error(f"--ppo-mini-batch ({args.ppo_mini_batch}) must divide --num-prompts ({args.num_prompts})")
     if args.group_size < 2:
         ap.error("--group-size must be >= 2 (GRPO needs a group)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -94,28 +103,43 @@ def _small_policy(args) -> SmallVLA:
     return SmallVLA(config).to(device=args.device, dtype=getattr(torch, args.dtype))
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def _kept_batches(policy, batch, args):
-    """The three shrunk batches: every chunk, every valid chunk, PCM's selection."""
-    overrides = [f"pcm.budget={args.budget}", f"actor.micro_batch_trajectories={args.micro_batch}"]
+    """The three shrunk batches (every chunk, every valid chunk, PCM's selection) and the median time
+    of PCM's selection (labels + scores + sampling + shrink) over ``args.repeats`` calls after a warm-up."""
+    overrides = [f"pcm.budget={args.budget}", f"actor.micro_batch_trajectories={args.micro_batch}",
+                 f"rollout.prompts_per_step={args.num_prompts}", f"actor.ppo_mini_batch={args.ppo_mini_batch}"]
     cfg = load_config(overrides)
     L, D = policy.config.action_chunk, policy.config.action_dim
     start = policy.config.action_token_start
-    pcm_kept, selection = pcm_shrink_batch(batch, PCMController(cfg.pcm, seed=args.seed),
-                                           action_token_start=start, action_chunk=L, action_dim=D)
+    times = []
+    for _ in range(args.repeats + 1):
+        controller = PCMController(cfg.pcm, seed=args.seed)
+        _sync(args.device)
+        started = time.perf_counter()
+        pcm_kept, selection = pcm_shrink_batch(batch, controller, action_token_start=start, action_chunk=L,
+                                               action_dim=D)
+        _sync(args.device)
+        times.append(time.perf_counter() - started)
     full_cfg = load_config(overrides + ["pcm.strategy=full"])
     full_kept, _ = pcm_shrink_batch(batch, PCMController(full_cfg.pcm), action_token_start=start,
                                     action_chunk=L, action_dim=D)
     N, C = batch.batch["finish_step"].shape[0], args.chunks
     every = torch.arange(C, device=batch.batch["responses"].device).expand(N, C)
     padded_kept = shrink_batch(batch, every, action_chunk=L, action_dim=D)
-    return cfg, {"simplevla_rl": padded_kept, "full": full_kept, "pcm": pcm_kept}, selection
+    kept = {"simplevla_rl": padded_kept, "full": full_kept, "pcm": pcm_kept}
+    return cfg, kept, selection, statistics.median(times[1:])
 
 
 def run(args) -> dict:
     policy = _policy(args)
     batch = synthetic_rollout_batch(policy, num_prompts=args.num_prompts, group_size=args.group_size,
                                     num_chunks=args.chunks, seed=args.seed)
-    cfg, kept, selection = _kept_batches(policy, batch, args)
+    cfg, kept, selection, select_time = _kept_batches(policy, batch, args)
     initial = copy.deepcopy({k: v for k, v in policy.state_dict().items()})
     results = {}
     progress = tqdm(total=len(MODES) * (args.repeats + 1), desc="updates", disable=args.json, file=sys.stderr)
@@ -124,7 +148,9 @@ def run(args) -> dict:
         for _ in range(args.repeats + 1):
             policy.load_state_dict(initial)
             optimizer = make_optimizer(policy, cfg.actor)
-            stats, _, _ = update_actor(policy, optimizer, kept[mode], cfg.actor)
+            stats, _, _ = update_actor(policy, optimizer, kept[mode], cfg.actor,
+                                       mini_batch_trajectories=args.ppo_mini_batch * args.group_size,
+                                       generator=torch.Generator().manual_seed(args.seed))
             runs.append(stats)
             progress.update()
         timed = runs[1:]
@@ -134,7 +160,7 @@ def run(args) -> dict:
             "backward_time_s": statistics.median(s.backward_time_s for s in timed),
             "activation_bytes": max(s.activation_bytes for s in timed),
             "peak_memory_bytes": max(s.peak_memory_bytes for s in timed),
-            "chunks": timed[0].chunks, "tokens": timed[0].tokens,
+            "chunks": timed[0].chunks, "tokens": timed[0].tokens, "optimizer_steps": timed[0].optimizer_steps,
         }
     progress.close()
     full, pcm, padded = results["full"], results["pcm"], results["simplevla_rl"]
@@ -147,8 +173,10 @@ def run(args) -> dict:
                    "dtype": args.dtype, "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
                    **({"hidden": args.hidden, "layers": args.layers, "image_size": args.image_size}
                       if args.policy == "small_vla" else {})},
-        "micro_batch_trajectories": args.micro_batch, "repeats": args.repeats,
+        "micro_batch_trajectories": args.micro_batch, "ppo_mini_batch": args.ppo_mini_batch, "repeats": args.repeats,
         "modes": results,
+        "select_time_s": select_time,
+        "select_share_of_pcm_update": select_time / pcm["update_time_s"],
         "update_time_ratio": full["update_time_s"] / pcm["update_time_s"],
         "activation_memory_reduction": 1 - pcm["activation_bytes"] / full["activation_bytes"],
         "peak_memory_reduction": 1 - pcm["peak_memory_bytes"] / full["peak_memory_bytes"],
@@ -172,6 +200,8 @@ def format_table(report: dict) -> str:
                  f"-{report['activation_memory_reduction']:.0%}; peak memory -{report['peak_memory_reduction']:.0%}")
     lines.append(f"SimpleVLA-RL (all chunks) / pcm update time: {report['update_time_ratio_vs_simplevla_rl']:.2f}x; "
                  f"activation memory -{report['activation_memory_reduction_vs_simplevla_rl']:.0%}")
+    lines.append(f"pcm selection (labels + scores + sampling + shrink): {report['select_time_s'] * 1e3:.2f} ms, "
+                 f"{report['select_share_of_pcm_update']:.2%} of the pcm update")
     return "\n".join(lines)
 
 

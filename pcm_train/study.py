@@ -55,6 +55,7 @@ STUDY_SETTINGS: tuple[str, ...] = (
     "rollout.group_size=4",
     "rollout.max_chunks=35",  # 280 env steps: LIBERO-Object's usual evaluation cap
     "actor.lr=5e-5",
+    "actor.ppo_mini_batch=4",  # one optimizer step per batch: the update the archived runs in docs/results used
     "trainer.total_steps=20",
     "trainer.val_every=10",
     "trainer.val_episodes=20",

@@ -328,7 +328,8 @@ def test_compare_update_json(capsys):
                                 "--layers", "1", "--image-size", "16", "--repeats", "1", "--budget", "4", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"update_time_ratio", "activation_memory_reduction", "device"} <= set(report)
+    assert {"update_time_ratio", "activation_memory_reduction", "device", "select_time_s"} <= set(report)
+    assert 0 < report["select_share_of_pcm_update"] < 1
     assert report["modes"]["pcm"]["chunks"] <= 2 * 4 < report["modes"]["full"]["chunks"]
     assert 0 < report["activation_memory_reduction"] < 1
 
