@@ -37,15 +37,20 @@ def main():
             "grip_ptr": POINTER[dtype], "num_steps_ptr": "*i64", "labels_ptr": "*i8", "C": "i32", "L": "i32",
             "stride_n": "i32", "stride_c": "i32", "stride_l": "i32", **LABEL_SCALARS,
         }, {"BLOCK_C": block_c, "BLOCK_L": block_l})
-        compile_kernel(sample_chunks_kernel, {
-            "weights_ptr": POINTER[dtype], "num_chunks_ptr": "*i64", "seed_ptr": "*i64", "index_ptr": "*i64",
-            "C": "i32", "budget": "i32", "stride_n": "i32", "stride_c": "i32",
-        }, {"BLOCK_C": block_c, "BLOCK_B": _block_b(B)})
-        compile_kernel(select_chunks_kernel, {
-            "grip_ptr": POINTER[dtype], "num_steps_ptr": "*i64", "keep_ptr": "*fp32", "seed_ptr": "*i64",
-            "labels_ptr": "*i8", "index_ptr": "*i64", "C": "i32", "L": "i32", "budget": "i32",
-            "stride_n": "i32", "stride_c": "i32", "stride_l": "i32", **LABEL_SCALARS,
-        }, {"BLOCK_C": block_c, "BLOCK_L": block_l, "BLOCK_B": _block_b(B)})
+        for with_weights in (False, True):
+            # without weights the launchers pass ht_ptr=None, which Triton specializes as a constexpr
+            ht = {"ht_ptr": "*fp32"} if with_weights else {}
+            ht_none = {} if with_weights else {"ht_ptr": None}
+            compile_kernel(sample_chunks_kernel, {
+                "weights_ptr": POINTER[dtype], "num_chunks_ptr": "*i64", "seed_ptr": "*i64", "index_ptr": "*i64",
+                **ht, "C": "i32", "budget": "i32", "stride_n": "i32", "stride_c": "i32",
+            }, {**ht_none, "BLOCK_C": block_c, "BLOCK_B": _block_b(B), "WITH_WEIGHTS": with_weights})
+            compile_kernel(select_chunks_kernel, {
+                "grip_ptr": POINTER[dtype], "num_steps_ptr": "*i64", "keep_ptr": "*fp32", "seed_ptr": "*i64",
+                "labels_ptr": "*i8", "index_ptr": "*i64", **ht, "C": "i32", "L": "i32", "budget": "i32",
+                "stride_n": "i32", "stride_c": "i32", "stride_l": "i32", **LABEL_SCALARS,
+            }, {**ht_none, "BLOCK_C": block_c, "BLOCK_L": block_l, "BLOCK_B": _block_b(B),
+                "WITH_WEIGHTS": with_weights})
     for dtype, seq_len, features in ((torch.bfloat16, 300, 4096), (torch.float32, 300, 4096),
                                      (torch.int64, 56, 1), (torch.float32, 56, 1), (torch.uint8, 300, 1)):
         block_s, block_f = tile_sizes(seq_len, features)

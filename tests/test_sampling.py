@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import pcm_kernels as pk
 from pcm_kernels._philox import philox_uniform
 from pcm_kernels.sampling import naive
 from pcm_kernels.sampling import vectorized
-from pcm_kernels.sampling.kernels import launch_sample_chunks, launch_select_chunks
+from pcm_kernels.sampling.kernels import launch_sample_chunks, launch_select_chunks, one_minus_exp_neg
 from pcm_kernels.sampling.vectorized import race_keys
 
 from gripper_cases import random_gripper
@@ -171,6 +172,220 @@ def test_select_triton_matches_torch(gen, use_backend):
     assert (index[0] == -1).all()
 
 
+# ---- threshold (Horvitz-Thompson) weights -----------------------------------------------------
+
+def _weight_cases(N, C, generator, dtype=torch.float32):
+    """Random weights with zeros and padding, plus edge rows: all-zero weights, num_chunks = 0,
+    num_chunks < C, a row with 2 eligible chunks, a row of tiny weights (keys clamp at 3e38)."""
+    weights = torch.rand(N, C, generator=generator) * (torch.rand(N, C, generator=generator) > 0.3)
+    num_chunks = torch.randint(0, C + 1, (N,), generator=generator)
+    weights[0] = 0.0
+    num_chunks[1] = 0
+    num_chunks[2] = C // 2
+    weights[3] = 0.0
+    weights[3, [1, C - 1]] = torch.tensor([0.5, 2.0])
+    num_chunks[3] = C
+    weights[4, :] = 1e-30
+    num_chunks[4] = C
+    return weights.to(dtype), num_chunks
+
+
+def _check_against_loop(index, ht, ref_index, ref_ht, rtol):
+    """Same index; weights close to the float64 loop; >= 1 where kept, 0 at the padding."""
+    assert torch.equal(index, ref_index)
+    assert ht.dtype == torch.float32 and ht.shape == index.shape
+    assert torch.isfinite(ht).all()
+    torch.testing.assert_close(ht.double(), ref_ht, rtol=rtol, atol=0.0)
+    assert (ht[index >= 0] >= 1.0).all() and (ht[index < 0] == 0.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("budget", [1, 4, 40])
+def test_weights_torch_matches_loop(budget, dtype, gen):
+    N, C = 9, 24
+    weights, num_chunks = _weight_cases(N, C, gen, dtype)
+    state = gen.get_state()
+    index, ht = pk.sample_chunks(weights, budget, num_chunks, generator=gen, return_weights=True)
+    gen.set_state(state)
+    assert torch.equal(index, pk.sample_chunks(weights, budget, num_chunks, generator=gen)), "draw must not change"
+    gen.set_state(state)
+    uniforms = torch.rand(N, C, generator=gen)
+    ref_index, ref_ht = naive.sample_rows_with_weights(weights, uniforms, budget, num_chunks)
+    _check_against_loop(index, ht, ref_index, ref_ht, rtol=1e-6)
+    eligible = ((torch.arange(C) < num_chunks[:, None]) & (weights > 0)).sum(1)
+    assert (ht[eligible <= budget] == (index[eligible <= budget] >= 0).float()).all(), "exactly 1.0 when all kept"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("budget", [1, 4, 40])
+def test_weights_triton_matches_loop(budget, dtype, gen, use_backend):
+    N, C = 9, 24
+    weights, num_chunks = _weight_cases(N, C, gen, dtype)
+    seed = torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
+    uniforms = philox_uniform(seed, torch.arange(N * C).view(N, C))
+    ref_index, ref_ht = naive.sample_rows_with_weights(weights, uniforms, budget, num_chunks)
+    use_backend("triton")
+    index = torch.full((N, budget), 77, dtype=torch.int64)
+    ht = torch.full((N, budget), -7.0)
+    assert launch_sample_chunks(weights, num_chunks, seed, index, ht) == (index, ht)
+    assert not (index == 77).any() and not (ht == -7.0).any(), "every output element must be written"
+    plain = torch.full((N, budget), 77, dtype=torch.int64)
+    launch_sample_chunks(weights, num_chunks, seed, plain)
+    assert torch.equal(index, plain), "the draw must not depend on WITH_WEIGHTS"
+    same = [n for n in range(N) if torch.equal(index[n], ref_index[n])]
+    assert len(same) >= N - 1, "draws differ beyond a tie"  # tl.log and torch.log may differ by an ulp
+    _check_against_loop(index[same], ht[same], ref_index[same], ref_ht[same], rtol=2e-6)
+    assert (ht[:2] == 0).all()
+    if budget >= 2:
+        assert (ht[3, :2] == 1.0).all() and (ht[3, 2:] == 0.0).all()
+
+
+def test_weights_public_api_same_draw(gen, use_backend):
+    """Through ``sample_chunks`` on both backends: same generator state, same index with or without weights."""
+    weights, num_chunks = _weight_cases(7, 16, gen)
+    for backend in ("torch", "triton"):
+        use_backend(backend)
+        index, ht = pk.sample_chunks(weights, 5, num_chunks, generator=torch.Generator().manual_seed(3),
+                                     return_weights=True)
+        plain = pk.sample_chunks(weights, 5, num_chunks, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(index, plain) and ht.dtype == torch.float32 and ht.shape == (7, 5)
+        assert torch.isfinite(ht).all() and (ht[index >= 0] >= 1).all() and (ht[index < 0] == 0).all()
+        empty = pk.sample_chunks(torch.zeros(3, 0), 2, return_weights=True)
+        assert empty[0].tolist() == [[-1, -1]] * 3 and empty[1].tolist() == [[0.0, 0.0]] * 3
+        none = pk.sample_chunks(torch.zeros(0, 4), 2, return_weights=True)
+        assert none[0].shape == (0, 2) and none[1].shape == (0, 2)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weights_extreme_values_are_finite(backend, use_backend):
+    """Tiny, denormal and huge weights, tau = inf or clamped at 3e38: never NaN/inf, always >= 1."""
+    rows = torch.tensor([
+        [1e-30, 1e-30, 1e-30, 1e-30],  # every key clamped at 3e38: tau = 3e38
+        [1e-40, 3e38, 1e-40, 1.0],  # a denormal weight, a huge one
+        [1e-38, 1e-38, 0.0, 0.0],  # <= budget eligible: tau = inf, weights exactly 1
+        [1e30, 1e-30, 1e30, 1e-30],
+    ])
+    use_backend(backend)
+    for seed in range(3):
+        index, ht = pk.sample_chunks(rows, 2, generator=torch.Generator().manual_seed(seed), return_weights=True)
+        assert torch.isfinite(ht).all() and (ht[index >= 0] >= 1).all(), (index, ht)
+        assert torch.equal(ht[2], torch.ones(2)) and index[2].tolist() == [0, 1]
+
+
+def test_one_minus_exp_neg_is_accurate():
+    """The in-kernel ``-expm1(-y)`` (libdevice expm1 does not run in the interpreter) to ~3 ulp."""
+    @triton.jit
+    def kernel(y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, one_minus_exp_neg(tl.load(y_ptr + offs, mask=offs < n)), mask=offs < n)
+
+    y = torch.cat([torch.logspace(-40, 2.5, 2000), torch.linspace(0.4, 0.6, 500),
+                   torch.tensor([0.0, 0.5, 3e38, float("inf")])]).float()
+    out = torch.empty_like(y)
+    kernel[(1,)](y, out, y.numel(), BLOCK=triton.next_power_of_2(y.numel()))
+    ref = -torch.expm1(-y.double())
+    assert out[-4] == 0 and (out[-2:] == 1).all()
+    torch.testing.assert_close(out.double(), ref, rtol=3e-7, atol=0.0)
+
+
+def test_select_weights_match(gen, use_backend):
+    """``select_chunks(return_weights=True)``: the torch path equals label-then-sample, the kernel the loop."""
+    N, C, L, B = 8, 20, 8, 6
+    gripper = random_gripper(N, C, L, generator=gen)
+    steps = torch.randint(0, C * L + 1, (N,), generator=gen)
+    steps[0] = 0
+    steps[1] = 3 * L  # 3 labeled chunks <= budget: weights exactly 1
+    keep = torch.tensor([0.3, 0.9, 1.0, 0.6, 0.1])
+    labels, index, ht = pk.select_chunks(gripper, steps, keep, B, generator=torch.Generator().manual_seed(2),
+                                         return_weights=True)
+    ref_labels = pk.label_phases(gripper, steps)
+    weights = torch.where(ref_labels >= 0, keep[ref_labels.long().clamp(min=0)], 0.0)
+    ref_index, ref_ht = pk.sample_chunks(weights, B, generator=torch.Generator().manual_seed(2),
+                                         return_weights=True)
+    assert torch.equal(labels, ref_labels) and torch.equal(index, ref_index) and torch.equal(ht, ref_ht)
+    assert (ht[0] == 0).all() and (ht[1, :3] == 1).all()
+
+    seed = torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
+    uniforms = philox_uniform(seed, torch.arange(N * C).view(N, C))
+    loop_index, loop_ht = naive.sample_rows_with_weights(weights, uniforms, B, torch.full((N,), C))
+    use_backend("triton")
+    labels = torch.full((N, C), 55, dtype=torch.int8)
+    index = torch.full((N, B), 55, dtype=torch.int64)
+    ht = torch.full((N, B), -7.0)
+    launch_select_chunks(gripper, steps, keep, seed, labels, index, 0.0, 0.75, 0.5, 0.1, 3, ht)
+    assert not (labels == 55).any() and not (index == 55).any() and not (ht == -7.0).any()
+    same = [n for n in range(N) if torch.equal(index[n], loop_index[n])]
+    assert len(same) >= N - 1, "draws differ beyond a tie"
+    _check_against_loop(index[same], ht[same], loop_index[same], loop_ht[same], rtol=2e-6)
+    drawn = pk.select_chunks(gripper, steps, keep, B, generator=torch.Generator().manual_seed(2),
+                             return_weights=True)
+    plain = pk.select_chunks(gripper, steps, keep, B, generator=torch.Generator().manual_seed(2))
+    assert len(drawn) == 3 and torch.equal(drawn[1], plain[1]) and torch.equal(drawn[0], plain[0])
+
+
+# Template rows for the unbiasedness test (C = 8, budget 3): two rows with more eligible chunks
+# than the budget (zero weights, padding past num_chunks with large weights), then rows where the
+# estimate must be exact every draw: 2 and exactly 3 eligible, all-zero weights, num_chunks = 0.
+_TEMPLATES = torch.tensor([
+    [0.1, 1.0, 0.5, 2.0, 0.25, 0.0, 3.0, 0.7],
+    [0.3, 0.0, 1.5, 0.05, 0.8, 9.0, 9.0, 9.0],
+    [0.0, 0.4, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0],
+    [1.0, 0.0, 5.0, 7.0, 7.0, 7.0, 7.0, 7.0],
+    [1.0, 2.0, 0.5, 7.0, 7.0, 7.0, 7.0, 7.0],
+    [0.0] * 8,
+    [1.0] * 8,
+])
+_TEMPLATE_CHUNKS = torch.tensor([8, 5, 8, 3, 3, 8, 0])
+_STOCHASTIC = 2
+
+
+def _check_unbiased(backend, draws, exact_copies, use_backend):
+    """E[sum_j x[index_j] ht_j] = sum_{c eligible} x[c] within 4 standard errors, per template row;
+    also E[ht_j 1{index_j = c}] = 1 per eligible chunk (the estimate for every indicator x)."""
+    T, C = _TEMPLATES.shape
+    B = 3
+    x = torch.linspace(-1.0, 2.0, T * C, dtype=torch.float64)
+    x = x[torch.randperm(T * C, generator=torch.Generator().manual_seed(0))].view(T, C)
+    copies = torch.tensor([draws] * _STOCHASTIC + [exact_copies] * (T - _STOCHASTIC))
+    template = torch.repeat_interleave(torch.arange(T), copies)
+    use_backend(backend)
+    index, ht = pk.sample_chunks(_TEMPLATES[template], B, _TEMPLATE_CHUNKS[template],
+                                 generator=torch.Generator().manual_seed(11), return_weights=True)
+    kept = index >= 0
+    eligible = (torch.arange(C) < _TEMPLATE_CHUNKS[:, None]) & (_TEMPLATES > 0)
+    per_chunk = torch.zeros(len(template), C, dtype=torch.float64)
+    per_chunk.scatter_add_(1, index.clamp(min=0), torch.where(kept, ht.double(), 0.0))  # ht, 0 if not kept
+    for t in range(T):
+        rows = per_chunk[template == t]
+        estimate = rows @ x[t]
+        target = x[t][eligible[t]].sum().item()
+        if t >= _STOCHASTIC:
+            assert torch.allclose(estimate, torch.full_like(estimate, target), rtol=0, atol=1e-12), t
+            continue
+        se = estimate.std().item() / math.sqrt(len(rows))
+        assert abs(estimate.mean().item() - target) < 4 * se, (t, estimate.mean().item(), target, se)
+        assert (rows[:, ~eligible[t]] == 0).all()
+        for c in torch.nonzero(eligible[t]).flatten().tolist():
+            se = rows[:, c].std().item() / math.sqrt(len(rows))
+            assert abs(rows[:, c].mean().item() - 1.0) < 4 * se, (t, c, rows[:, c].mean().item(), se)
+
+
+def test_weights_unbiased_torch(use_backend):
+    _check_unbiased("torch", 20000, 2000, use_backend)
+
+
+def test_weights_unbiased_triton(use_backend):
+    """The interpreter takes ~9 ms per program on 2 CPU cores: 2 x 700 draws here (~13 s);
+    ``test_weights_unbiased_triton_full`` (slow, 5-7 min on 2 busy cores) has 2 x 10,000."""
+    _check_unbiased("triton", 700, 20, use_backend)
+
+
+@pytest.mark.slow
+def test_weights_unbiased_triton_full(use_backend):
+    _check_unbiased("triton", 10000, 20, use_backend)
+
+
 def test_sampling_bad_input():
     w = torch.rand(2, 8)
     with pytest.raises(ValueError, match="budget"):
@@ -194,3 +409,7 @@ def test_sampling_bad_input():
         pk.select_chunks(g, None, [1.0, -1.0, 1.0, 1.0, 1.0], 2)
     with pytest.raises(ValueError, match="budget"):
         pk.select_chunks(g, None, [1.0] * 5, 0)
+    with pytest.raises(TypeError, match="return_weights"):
+        pk.sample_chunks(w, 2, return_weights=1)
+    with pytest.raises(TypeError, match="return_weights"):
+        pk.select_chunks(g, None, [1.0] * 5, 2, return_weights="yes")

@@ -1,4 +1,10 @@
-"""Budgeted weighted chunk sampling without replacement (Plackett-Luce via Gumbel-top-k)."""
+"""Budgeted weighted chunk sampling without replacement (Plackett-Luce via Gumbel-top-k).
+
+Optionally with the threshold (Horvitz-Thompson) weights that make sums over the kept
+chunks unbiased: W. Kool, H. van Hoof, M. Welling, "Stochastic Beams and Where to Find
+Them" (ICML 2019) and "Estimating Gradients for Discrete Random Variables by Sampling
+without Replacement" (ICLR 2020).
+"""
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,13 +23,27 @@ def _check_weights(name: str, weights: torch.Tensor, validate: bool) -> None:
         raise ValueError(f"{name} must be finite and >= 0, found {bad}")
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch.Tensor] = None, *,
-                  generator: Optional[torch.Generator] = None, validate: bool = True) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, validate: bool = True,
+                  return_weights: bool = False):
     """Draw up to ``budget`` distinct chunks per trajectory, weighted, without replacement.
 
     Eligible chunks are ``k < num_chunks[n]`` with ``weights[n, k] > 0``; each row gets
     ``min(budget, #eligible)`` of them with Plackett-Luce probabilities (repeatedly pick
-    with probability proportional to the remaining weights).
+    with probability proportional to the remaining weights). The draw is an exponential
+    race: keys ``E_c / w_c``, ``E_c ~ Exp(1)``, the ``budget`` smallest are kept.
+
+    Threshold weights (Kool, van Hoof & Welling, ICML 2019 and ICLR 2020): with ``tau`` the
+    ``budget + 1``-th smallest eligible key of the row (``inf`` if it has <= budget eligible),
+    chunk c is kept with probability ``q_c = 1 - exp(-w_c * tau)`` given ``tau``, so for any
+    fixed ``x``, ``E[sum_j x[n, index[n, j]] * ht_weights[n, j]] = sum_{c eligible} x[n, c]``.
+    ``w_c`` is the weight in float32, as the race uses it.
 
     Args:
         weights: float [N, C] non-negative finite weights (any float dtype, any strides).
@@ -34,12 +54,18 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
             the torch path draws them with ``torch.rand``).
         validate: check weights for NaN/inf/negatives. On CUDA this costs one host
             synchronization; pass False for a sync-free call.
+        return_weights: also return the threshold weights (same draw as without; the Triton
+            kernel computes them in the same launch).
 
     Returns:
-        int64 [N, budget]: chosen chunk ids ascending, then -1.
+        ``index`` int64 [N, budget]: chosen chunk ids ascending, then -1. With
+        ``return_weights``, ``(index, ht_weights)``, ``ht_weights`` float32 [N, budget]:
+        ``1 / q_c`` per kept chunk (exactly 1.0 where the row kept all its eligible chunks,
+        finite: at most 3e38), 0.0 at the -1s.
     """
     check_tensor("weights", weights, ndim=2, floating=True)
     check_int("budget", budget, minimum=1)
+    _check_bool("return_weights", return_weights)
     N, C = weights.shape
     if num_chunks is None:
         num_chunks = torch.full((N,), C, dtype=torch.int64, device=weights.device)
@@ -53,9 +79,12 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         from .kernels import launch_sample_chunks
 
         out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
-        return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out)
+        ht = torch.empty(N, budget, dtype=torch.float32, device=weights.device) if return_weights else None
+        return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out, ht)
     eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
     uniforms = torch.rand(N, C, generator=generator, device=weights.device)
+    if return_weights:
+        return vectorized.sample_with_weights(weights, eligible, budget, uniforms)
     return vectorized.sample(weights, eligible, budget, uniforms)
 
 
@@ -72,7 +101,8 @@ def _keep_probs_tensor(keep_probs, device) -> torch.Tensor:
 def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
                   keep_probs: Union[torch.Tensor, Sequence[float]], budget: int, *,
                   generator: Optional[torch.Generator] = None, close_above: float = 0.0,
-                  sustain: float = 0.75, grip: float = 0.5, low: float = 0.1, window: int = 3):
+                  sustain: float = 0.75, grip: float = 0.5, low: float = 0.1, window: int = 3,
+                  return_weights: bool = False):
     """Label chunks, weight them by their phase's keep probability and draw ``budget`` per row.
 
     The path the trainer uses: one kernel launch on CUDA. Same distribution as
@@ -85,12 +115,15 @@ def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
         keep_probs: float [5] keep probability per ``Phase`` (a CPU tensor or a sequence is
             validated for free; a CUDA tensor is used as is).
         budget: chunks to draw per trajectory, >= 1.
+        return_weights: also return the threshold weights (see ``sample_chunks``).
 
     Returns:
-        ``(labels int8 [N, C], index int64 [N, budget])``.
+        ``(labels int8 [N, C], index int64 [N, budget])``, with ``return_weights``
+        ``(labels, index, ht_weights float32 [N, budget])``.
     """
     num_steps = prepare_label_args(gripper, num_steps, close_above, sustain, grip, low, window)
     check_int("budget", budget, minimum=1)
+    _check_bool("return_weights", return_weights)
     keep = _keep_probs_tensor(keep_probs, gripper.device)
     N, C, _ = gripper.shape
     if resolve_backend(gripper.device) == "triton" and C > 0:
@@ -98,10 +131,13 @@ def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
 
         labels = torch.empty(N, C, dtype=torch.int8, device=gripper.device)
         index = torch.empty(N, budget, dtype=torch.int64, device=gripper.device)
+        ht = torch.empty(N, budget, dtype=torch.float32, device=gripper.device) if return_weights else None
         return launch_select_chunks(gripper, num_steps, keep, draw_seed(generator, gripper.device), labels, index,
-                                    close_above, sustain, grip, low, window)
+                                    close_above, sustain, grip, low, window, ht)
     labels = phase_vectorized.label_phases(gripper, num_steps, close_above, sustain, grip, low, window)
     labeled = labels >= 0
     weights = torch.where(labeled, keep[labels.long().clamp(min=0)], 0.0)
     uniforms = torch.rand(N, C, generator=generator, device=gripper.device)
+    if return_weights:
+        return (labels, *vectorized.sample_with_weights(weights, labeled & (weights > 0), budget, uniforms))
     return labels, vectorized.sample(weights, labeled & (weights > 0), budget, uniforms)

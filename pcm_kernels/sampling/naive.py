@@ -1,5 +1,9 @@
 """Loop reference for budgeted chunk sampling given the uniforms (PCM.md §5)."""
+import math
+
 import torch
+
+MAX_KEY = 3.0e38
 
 
 def exponential_key(u: float, w: float) -> float:
@@ -22,6 +26,35 @@ def sample_rows(weights, uniforms, budget: int, num_chunks):
         chosen = sorted(k for _, k in sorted(keys)[:budget])
         out[n, :len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
     return out
+
+
+def sample_rows_with_weights(weights, uniforms, budget: int, num_chunks):
+    """``(index int64 [N, budget], ht float64 [N, budget])``: ``sample_rows`` plus threshold weights.
+
+    ``ht = 1 / q_c`` with ``q_c = -expm1(-w_c * tau)`` in float64 (``w_c`` the float32 weight,
+    ``tau`` the ``budget + 1``-th smallest float32 key), 1.0 if the row has <= budget
+    eligible chunks, at most MAX_KEY; 0.0 at the -1 padding.
+    """
+    N, C = weights.shape
+    index = torch.full((N, budget), -1, dtype=torch.int64)
+    ht = torch.zeros((N, budget), dtype=torch.float64)
+    for n in range(N):
+        keys = []
+        for k in range(C):
+            w = float(weights[n, k])
+            if k < int(num_chunks[n]) and w > 0:
+                keys.append((exponential_key(float(uniforms[n, k]), w), k))
+        keys.sort()
+        tau = keys[budget][0] if len(keys) > budget else math.inf
+        for j, k in enumerate(sorted(k for _, k in keys[:budget])):
+            index[n, j] = k
+            if math.isinf(tau):
+                ht[n, j] = 1.0
+            else:
+                w32 = float(torch.tensor(float(weights[n, k]), dtype=torch.float32))
+                q = -math.expm1(-w32 * tau)
+                ht[n, j] = min(1.0 / q, MAX_KEY) if q > 0 else MAX_KEY
+    return index, ht
 
 
 def plackett_luce_probability(subset, weights) -> float:

@@ -24,6 +24,38 @@ def smallest_keys(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> to
     return out[:, :budget]
 
 
+def threshold(keys: torch.Tensor, budget: int) -> torch.Tensor:
+    """float32 [N]: the ``budget + 1``-th smallest key per row (``inf`` if the row has <= budget eligible)."""
+    N, C = keys.shape
+    if C <= budget:
+        return torch.full((N,), torch.inf, dtype=keys.dtype, device=keys.device)
+    return torch.kthvalue(keys, budget + 1, dim=1).values
+
+
+def ht_weights(weights: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, budget: int) -> torch.Tensor:
+    """float32 [N, budget] ``1 / q_c`` at the kept ``index`` entries, ``q_c = 1 - exp(-w_c tau)``.
+
+    Exactly 1.0 where the threshold ``tau`` is ``inf`` (the row kept all its eligible chunks),
+    0.0 at the -1 padding, at most ``MAX_KEY`` (``q_c`` underflowing to 0).
+    """
+    N, C = keys.shape
+    kept = index >= 0
+    if C == 0:
+        return torch.zeros(index.shape, dtype=torch.float32, device=keys.device)
+    tau = threshold(keys, budget).view(N, 1)
+    w = torch.where(kept, weights.to(torch.float32).gather(1, index.clamp(min=0)), 1.0)
+    q = -torch.expm1(-w * tau)
+    ht = torch.where(torch.isinf(tau), 1.0, torch.clamp(1.0 / q, max=MAX_KEY))
+    return torch.where(kept, ht, 0.0)
+
+
 def sample(weights, eligible, budget, uniforms) -> torch.Tensor:
     """Plackett-Luce draw of ``budget`` chunks per row from float uniforms [N, C] in [0, 1)."""
     return smallest_keys(race_keys(weights, eligible, uniforms), eligible, budget)
+
+
+def sample_with_weights(weights, eligible, budget, uniforms):
+    """``sample`` plus the threshold (Horvitz-Thompson) weights: ``(index int64, ht float32)``, both [N, budget]."""
+    keys = race_keys(weights, eligible, uniforms)
+    index = smallest_keys(keys, eligible, budget)
+    return index, ht_weights(weights, keys, index, budget)
