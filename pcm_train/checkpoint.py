@@ -26,6 +26,10 @@ import torch
 LATEST = "latest"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be read (truncated, corrupt, from another kind of run)."""
+
+
 def rng_states() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -95,4 +99,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / "trainer_state.pt", weights_only=False)
+    """The trainer state of a checkpoint; CheckpointError naming the file when it cannot be read."""
+    path = Path(checkpoint) / "trainer_state.pt"
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as error:  # torch.load raises many types for a corrupt file
+        raise CheckpointError(f"resume: cannot read {path} ({type(error).__name__}: {error}); the file is "
+                              "truncated or corrupt: point checkpoints/latest at an earlier step_* directory")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"resume: {path} holds no trainer state (expected a dict with 'step')")
+    return state

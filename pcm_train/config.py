@@ -192,6 +192,8 @@ class TrainerSection:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:<index>"
+    overwrite: bool = False  # a fresh run may replace a non-empty output_dir (else it refuses)
+    allow_partial_log: bool = False  # resume although metrics.jsonl lacks steps before the checkpoint
 
     def validate(self, prefix: str) -> None:
         _at_least(f"{prefix}.total_steps", self.total_steps, 1)

@@ -9,18 +9,23 @@ from pathlib import Path
 class MetricsLog:
     """Append-only metrics of a run; ``truncate_after(step)`` drops steps a resumed run will redo."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None):
+        """``purge_step``: the first step this process will write; TensorBoard drops its points at and
+        after it (a resumed run redoes those steps), as ``truncate_after(purge_step - 1)`` does here."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def truncate_after(self, step: int) -> None:
+        """Keep the rows of steps <= ``step`` (atomically: a crash leaves the old or the new log)."""
+        from pcm_train.checkpoint import write_atomically
+
         rows = [r for r in read_metrics(self.path) if r["step"] <= step] if self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
         """``row`` must hold ``step``; non-finite floats are stored as null."""

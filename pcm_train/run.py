@@ -46,12 +46,25 @@ def resolve_overrides(argv: list[str]) -> list[str]:
         saved = run_dir / "config.json"
         if not saved.is_file():
             raise ConfigError(f"resume={run_dir}: no config.json there (not a pcm_train run directory)")
-        config = json.loads(saved.read_text())
+        try:
+            config = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"resume={run_dir}: {saved} is not valid JSON ({error}); it is truncated or "
+                              "corrupt: restore it, e.g. from a checkpoint's trainer_state.pt 'config'") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"resume={run_dir}: {saved} holds no configuration (expected a JSON object)")
         config.pop("resume", None)
         preset = config.pop("preset", None)
         base = [f"preset={'null' if preset is None else preset}"] + _flatten("", config)
         return base + argv
     return argv if "preset" in keys else ["preset=quick"] + argv
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but this machine has no CUDA device; use trainer.device=cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(resolve_overrides(argv))
+        _check_device(cfg.trainer.device)  # before the slow imports below
         from pcm_train.distributed import init_distributed
         from pcm_train.trainer import Trainer, make_env_pool
 

@@ -150,6 +150,8 @@ def train_one(overrides: list[str], pool_factory) -> bool:
         return True
     if (directory / "checkpoints" / "latest").is_file():
         cfg = load_config(overrides + [f"resume={directory}"])
+    else:  # started but never checkpointed: nothing worth keeping
+        cfg = load_config(overrides + ["trainer.overwrite=true"])
     trainer = Trainer(cfg, pool_factory)
     try:
         return trainer.run()

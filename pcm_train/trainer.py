@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from pcm_train import checkpoint as ckpt
+from pcm_train import run_dir
 from pcm_train.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict
 from pcm_train.controller import PCMController
 from pcm_train.distributed import DistInfo, broadcast_object
 from pcm_train.grpo import grpo_advantages, token_mask
 from pcm_train.metrics_log import MetricsLog
-from pcm_train.policies.factory import build_policy
+from pcm_train.policies.factory import build_policy, check_policy_path
 from pcm_train.rollout import Episode, collect_rollouts
 from pcm_train.simplevla import pcm_shrink_batch
 
@@ -72,38 +77,73 @@ class Trainer:
     """Owns the policy, optimizer, controller, RNGs and env pool of one run directory."""
 
     def __init__(self, cfg: PCMTrainConfig, pool_factory, dist_info: DistInfo | None = None):
+        """Checks everything (device, tasks, policy path, the run directory or the checkpoint to
+        resume and its metrics log) before the run directory is touched, then builds the policy,
+        optimizer, controller and env pool; only when all of that succeeded is the directory
+        written (``config.json`` last)."""
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
         self.device = resolve_device(cfg.trainer.device, self.dist)
-        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.trainer.seed)
-        self.policy = self._build_policy(resume_from)
-        if self.dist.enabled:  # every rank starts from rank 0's weights
-            for tensor in self.policy.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
-        self.optimizer = make_optimizer(self.policy, cfg.actor)
-        self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
-        self.episode_rng = np.random.default_rng(cfg.trainer.seed)
-        self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
-        self.shuffle_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)  # same on every rank
-        self.step = 0
-        self.wall_time_s = 0.0
-        self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
-        if resume_from is not None:
-            self._load(resume_from)
-        elif self.metrics is not None:
-            self.metrics.truncate_after(-1)
         self.tasks = self._task_ids()
+        check_policy_path(cfg.policy)
+        resume_from, state = None, None
+        if cfg.resume:
+            resume_from = ckpt.latest_checkpoint(self.run_dir)
+            state = ckpt.load_trainer_state(resume_from)
+            if self.dist.is_main:
+                missing = run_dir.check_metrics_log(self.run_dir, state["step"], cfg.trainer.allow_partial_log)
+                if missing:
+                    tqdm.write(f"warning: {self.run_dir / 'metrics.jsonl'} lacks {len(missing)} of the steps "
+                               f"before the checkpoint (trainer.allow_partial_log=true)", file=sys.stderr)
+        elif self.dist.is_main:
+            run_dir.check_fresh(self.run_dir, cfg.trainer.overwrite)
+        torch.manual_seed(cfg.trainer.seed)
+        self._base_staging = None
         self.pool = None
-        if self.dist.is_main:
-            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-            self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
+        try:
+            self.policy = self._build_policy(resume_from)
+            if self.dist.enabled:  # every rank starts from rank 0's weights
+                for tensor in self.policy.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
+            self.optimizer = make_optimizer(self.policy, cfg.actor)
+            self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
+            self.episode_rng = np.random.default_rng(cfg.trainer.seed)
+            self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
+            self.shuffle_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)  # same on every rank
+            self.step = 0
+            self.wall_time_s = 0.0
+            if state is not None:
+                self._load(state, resume_from)
+            if self.dist.is_main:
+                self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            if self._base_staging is not None:
+                shutil.rmtree(self._base_staging, ignore_errors=True)
+            raise
+        self.metrics = self._open_run_dir() if self.dist.is_main else None
         self._stop = False
 
     # ----- setup -----
+
+    def _open_run_dir(self) -> MetricsLog:
+        """Setup succeeded: write the run directory (replace it on request, move the starting weights
+        in, clean staging leftovers, align the metrics log and TensorBoard with the checkpoint, save
+        ``config.json``)."""
+        if not self.cfg.resume and self.cfg.trainer.overwrite:
+            run_dir.replace_contents(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._base_staging is not None:
+            os.replace(self._base_staging, self.run_dir / "base_policy")
+            self._base_staging = None
+        for path in run_dir.clean_staging(self.run_dir):
+            tqdm.write(f"removed {path} (left by an interrupted checkpoint write)", file=sys.stderr)
+        metrics = MetricsLog(self.run_dir, purge_step=self.step)
+        metrics.truncate_after(self.step - 1)
+        ckpt.write_atomically(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
+        return metrics
 
     def _build_policy(self, resume_from):
         cfg, base = self.cfg.policy, self.run_dir / "base_policy"
@@ -112,16 +152,23 @@ class Trainer:
             policy = build_policy(type(cfg)(**{**vars(cfg), "lora_r": 0}), device=self.device,
                                   gradient_checkpointing=gc)
             if cfg.path is None and self.dist.is_main:  # adapters and resumes need these starting weights
-                policy.save_pretrained(str(base))
+                self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                self._base_staging = Path(tempfile.mkdtemp(dir=self.run_dir.parent,
+                                                           prefix=f".{self.run_dir.name}.base_policy."))
+                policy.save_pretrained(str(self._base_staging))
             if cfg.lora_r > 0:
                 policy.add_lora(cfg.lora_r, cfg.lora_alpha)
             return policy
         saved = resume_from / "policy"
-        if (saved / "adapter_config.json").is_file():
-            base_cfg = type(cfg)(**{**vars(cfg), "path": cfg.path or str(base)})
-            return build_policy(base_cfg, device=self.device, gradient_checkpointing=gc, adapters=saved)
-        full_cfg = type(cfg)(**{**vars(cfg), "path": str(saved), "lora_r": 0})
-        return build_policy(full_cfg, device=self.device, gradient_checkpointing=gc)
+        try:
+            if (saved / "adapter_config.json").is_file():
+                base_cfg = type(cfg)(**{**vars(cfg), "path": cfg.path or str(base)})
+                return build_policy(base_cfg, device=self.device, gradient_checkpointing=gc, adapters=saved)
+            full_cfg = type(cfg)(**{**vars(cfg), "path": str(saved), "lora_r": 0})
+            return build_policy(full_cfg, device=self.device, gradient_checkpointing=gc)
+        except Exception as error:  # loaders raise many types for damaged files; the cause stays chained
+            raise ckpt.CheckpointError(f"resume: cannot load the policy of checkpoint {saved} "
+                                       f"({type(error).__name__}: {error})") from error
 
     def _task_ids(self) -> list[int]:
         from pcm_train.envs.libero import list_tasks
@@ -140,8 +187,14 @@ class Trainer:
                 "shuffle_generator": self.shuffle_generator.get_state(), "rng": ckpt.rng_states(),
                 "config": config_to_dict(self.cfg)}
 
-    def _load(self, path: Path) -> None:
-        state = ckpt.load_trainer_state(path)
+    def _load(self, state: dict, path: Path) -> None:
+        try:
+            self._restore_state(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise ckpt.CheckpointError(f"resume: {path / 'trainer_state.pt'} does not fit this run "
+                                       f"({type(error).__name__}: {error})") from error
+
+    def _restore_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.episode_rng.bit_generator.state = state["episode_rng"]
@@ -150,8 +203,6 @@ class Trainer:
         ckpt.set_rng_states(state["rng"])
         self.step = state["step"] + 1
         self.wall_time_s = state["wall_time_s"]
-        if self.metrics is not None:
-            self.metrics.truncate_after(state["step"])
 
     # ----- episodes -----
 

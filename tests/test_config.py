@@ -27,7 +27,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
         "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": "runs/default", "seed": 0,
-        "device": "auto",
+        "device": "auto", "overwrite": False, "allow_partial_log": False,
     },
     "env": {
         "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0,

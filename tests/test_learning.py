@@ -31,9 +31,7 @@ optimizer steps per rollout batch):
 | ``pcm.strategy=pcm pcm.budget=2`` (kept 0.53 of the valid chunks at step 0, 0.69 on average) | 0.227 | 1.000 | 0.034 |
 | ``actor.lr=0`` (no-learning control, a test below) | 0.227 | 0.227 | 0 |
 
-Seeds 1-4 (not run here): full +0.72 to +0.75, pcm +0.55 to +0.73; MARGIN is 0.4. Without mini-batches
-(the trainer before ``actor.ppo_mini_batch`` existed) the fallback ``actor.ppo_epochs=4`` gave
-0.227 -> 1.000 for both.
+Seeds 1-4 (not run here): full +0.72 to +0.75, pcm +0.55 to +0.73; MARGIN is 0.4.
 
 Mutations checked by hand (monkeypatched from a scratch script, seed 0; start 0.227 each):
 
@@ -55,7 +53,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcm_train.config import ActorSection, load_config
+from pcm_train.config import load_config
 from pcm_train.metrics_log import read_metrics
 from pcm_train.rollout import Episode, collect_rollouts
 from pcm_train.trainer import Trainer
@@ -67,10 +65,8 @@ EVAL_EPISODES = 128
 EVAL_SEED = 1234
 MARGIN = 0.4  # trained success - starting success, on the same episodes and random stream
 
-# Several optimizer steps per rollout batch: PPO mini-batches of 1 prompt (of 4), or, where the
-# trainer has no mini-batches, 4 epochs over the batch.
-_HAS_MINI_BATCHES = "ppo_mini_batch" in {f.name for f in dataclasses.fields(ActorSection)}
-SEVERAL_OPTIMIZER_STEPS = ["actor.ppo_mini_batch=1"] if _HAS_MINI_BATCHES else ["actor.ppo_epochs=4"]
+# Several optimizer steps per rollout batch: PPO mini-batches of 1 prompt (of 4).
+SEVERAL_OPTIMIZER_STEPS = ["actor.ppo_mini_batch=1"]
 
 BASE = [
     "policy.observation=state", "env.camera=false", "policy.hidden_size=32", "policy.num_layers=2",

@@ -10,7 +10,8 @@ from pcm_train.metrics_log import read_metrics
 
 from fake_env import fake_pool_factory
 
-TINY = ["rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3", "trainer.total_steps=2",
+TINY = ["rollout.max_chunks=6", "rollout.prompts_per_step=2", "actor.ppo_mini_batch=2", "rollout.group_size=3",
+        "trainer.total_steps=2",
         "trainer.val_every=2", "trainer.val_episodes=2", "policy.hidden_size=16", "policy.num_layers=1",
         "env.task_ids=[0,1]"]
 

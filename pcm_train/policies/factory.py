@@ -11,6 +11,16 @@ from pcm_train.policies.openvla_oft import OpenVLAOFT
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 
 
+def check_policy_path(cfg: PolicySection) -> None:
+    """Cheap checks of ``cfg.path`` before anything is built (FileNotFoundError naming the key)."""
+    if cfg.name == "openvla_oft" and cfg.path is None:
+        raise FileNotFoundError("policy.path is required for policy.name=openvla_oft "
+                                "(a local OpenVLA-OFT checkpoint folder, e.g. a SimpleVLA-RL SFT download)")
+    if cfg.path is not None and not (Path(cfg.path) / "config.json").is_file():
+        raise FileNotFoundError(f"policy.path={cfg.path}: no config.json there (a directory written by "
+                                "save_pretrained, pcm_train.sft or pcm_train.run's base_policy/ is expected)")
+
+
 def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,
                  adapters: Path | None = None):
     """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights (required for ``openvla_oft``:
