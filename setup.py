@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pcm_kernels", "pcm_kernels.*", "pcm_train", "pcm_train.*"]),
+    package_data={"pcm_train": ["assets/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -83,6 +83,9 @@ class Trainer:
         written (``config.json`` last)."""
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
+        if not cfg.resume and cfg.trainer.output_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            cfg.trainer.output_dir = broadcast_object(f"runs/{stamp}-{cfg.pcm.strategy}", self.dist)
         self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
         self.device = resolve_device(cfg.trainer.device, self.dist)
         self.tasks = self._task_ids()

@@ -26,7 +26,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "policy": {"name": "small_vla", "path": None, "hidden_size": 64, "num_layers": 2, "image_size": 32,
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
-        "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": "runs/default", "seed": 0,
+        "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": None, "seed": 0,
         "device": "auto", "overwrite": False, "allow_partial_log": False,
     },
     "env": {

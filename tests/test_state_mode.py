@@ -15,7 +15,7 @@ from fake_env import FakePool, fake_pool_factory
 
 STATE_DIM = 36
 TASKS = ["pick up the black bowl", "Open the top drawer of the cabinet and put the bowl inside", "stop"]
-TINY_STATE = ["preset=quick", "rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3",
+TINY_STATE = ["preset=quick_image", "rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3",
               "pcm.budget=2", "trainer.total_steps=1", "trainer.val_every=1", "trainer.val_episodes=2",
               "policy.hidden_size=16", "policy.num_layers=1", "policy.observation=state", "env.camera=false",
               "env.task_ids=[0,1]"]

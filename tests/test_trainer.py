@@ -14,7 +14,7 @@ from pcm_train.trainer import Trainer
 
 from fake_env import FakePool, fake_pool_factory
 
-TINY = ["preset=quick", "rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3",
+TINY = ["preset=quick_image", "rollout.max_chunks=6", "rollout.prompts_per_step=2", "rollout.group_size=3",
         "pcm.budget=2", "trainer.total_steps=2", "trainer.val_every=2", "trainer.val_episodes=2",
         "trainer.save_every=1", "policy.hidden_size=16", "policy.num_layers=1", "policy.image_size=16",
         "env.task_ids=[0,1]"]
