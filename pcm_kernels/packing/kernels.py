@@ -26,14 +26,18 @@ def copy_chunks_kernel(src_ptr, dst_ptr, chunk_ids_ptr, slot_ptr, cu_ptr, C, S, 
     the dense buffer (contiguous), written in full.
     """
     r = tl.program_id(0).to(tl.int64)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
+    # 64-bit offsets: a position times a stride passes 2**31 for valid inputs (a permuted
+    # [S, N, C, F] activation, a transposed [T, F] gradient)
+    offs_s = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    offs_f = (tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)).to(tl.int64)
     in_f = offs_f < F
     if SCATTER:
         m = tl.load(slot_ptr + r)
+        kept = m >= 0
         m_safe = tl.maximum(m, 0)
-        start = tl.load(cu_ptr + m_safe).to(tl.int64)
-        length = tl.where(m >= 0, tl.load(cu_ptr + m_safe + 1) - start, 0)
+        # cu_seqlens has M + 1 entries: with no chunk kept (M = 0) only entry 0 may be read
+        start = tl.load(cu_ptr + m_safe, mask=kept, other=0).to(tl.int64)
+        length = tl.load(cu_ptr + m_safe + 1, mask=kept, other=0).to(tl.int64) - start
         src = src_ptr + (start + offs_s)[:, None] * stride_s + offs_f[None, :] * stride_f
         tile = tl.load(src, mask=(offs_s < length)[:, None] & in_f[None, :], other=0)
         dst = dst_ptr + (r * S + offs_s)[:, None] * F + offs_f[None, :]
