@@ -39,11 +39,14 @@ def init_distributed() -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the process group: NCCL binds each rank to its device
         torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -235,3 +235,28 @@ def test_bad_inputs_raise(model, batch):
     for expected, call in cases.items():
         with pytest.raises(ValueError, match=expected.strip()):
             call()
+
+
+def test_packed_attention_path_is_named_and_logged_once(caplog, monkeypatch):
+    from pcm_train.policies import varlen_attention as va
+
+    q = torch.randn(5, 2, 4)
+    assert va.packed_attention_path(q) == (va.PADDED_SDPA, "CPU tensors")
+
+    class FakeCuda:  # what the dispatch reads of a CUDA tensor
+        is_cuda, dtype = True, torch.bfloat16
+
+    monkeypatch.setattr(va, "flash_attn_varlen_func", None)
+    path, reason = va.packed_attention_path(FakeCuda())
+    assert path == va.PADDED_SDPA and "flash-attn is not installed" in reason
+    monkeypatch.setattr(va, "flash_attn_varlen_func", object())
+    assert va.packed_attention_path(FakeCuda())[0] == va.FLASH
+    FakeCuda.dtype = torch.float32
+    assert "fp16/bf16" in va.packed_attention_path(FakeCuda())[1]
+
+    monkeypatch.setattr(va, "_reported", set())
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with caplog.at_level("INFO", logger=va.__name__):
+        for _ in range(3):
+            va.varlen_bidirectional_attention(q, q, q, cu, 3)
+    assert [r.getMessage() for r in caplog.records] == ["packed attention: sdpa_padded (CPU tensors)"]

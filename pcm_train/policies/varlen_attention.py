@@ -11,6 +11,8 @@ and ``is_causal = False`` then attends bidirectionally:
   ``max_length_q``/``max_length_k`` (int) as keyword arguments of the model call (transformers
   forwards them to every attention layer) and no attention mask; each chunk attends only to itself.
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -22,6 +24,31 @@ except ImportError:
     flash_attn_varlen_func = None
 
 ATTENTION_NAME = "pcm_bidirectional"
+FLASH, PADDED_SDPA = "flash_attn_varlen", "sdpa_padded"
+
+logger = logging.getLogger(__name__)
+_reported: set[tuple[str, str]] = set()
+
+
+def packed_attention_path(query: torch.Tensor) -> tuple[str, str]:
+    """(path, reason) the packed attention takes for ``query``: ``FLASH`` (flash-attn's varlen kernel,
+    fp16/bf16 CUDA tensors with flash-attn installed) or ``PADDED_SDPA`` (chunks scattered into a padded
+    batch for torch SDPA: more memory and time on a GPU)."""
+    if not query.is_cuda:
+        return PADDED_SDPA, "CPU tensors"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return PADDED_SDPA, f"{query.dtype} (flash-attn takes fp16/bf16)"
+    if flash_attn_varlen_func is None:
+        return PADDED_SDPA, "flash-attn is not installed (pip install flash-attn --no-build-isolation)"
+    return FLASH, "fp16/bf16 CUDA tensors, flash-attn installed"
+
+
+def _report(path: str, reason: str) -> None:
+    """Log each (path, reason) once per process: a GPU run says which attention it got, and why."""
+    if (path, reason) not in _reported:
+        _reported.add((path, reason))
+        level = logging.WARNING if path == PADDED_SDPA and "not installed" in reason else logging.INFO
+        logger.log(level, "packed attention: %s (%s)", path, reason)
 
 
 def _check_packed_shapes(query, key, value, cu_seqlens):
@@ -61,7 +88,8 @@ def varlen_bidirectional_attention(query: torch.Tensor, key: torch.Tensor, value
 
     Uses ``flash_attn_varlen_func(causal=False)`` for fp16/bf16 CUDA tensors when flash-attn is
     installed; otherwise scatters the chunks into a padded [M, heads, max_seqlen, d] batch and runs
-    SDPA with a key-padding mask.
+    SDPA with a key-padding mask (``packed_attention_path`` says which, and the first use of each
+    path is logged with the reason).
     """
     _check_packed_shapes(query, key, value, cu_seqlens)
     check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen)
@@ -69,7 +97,9 @@ def varlen_bidirectional_attention(query: torch.Tensor, key: torch.Tensor, value
 
 
 def _packed_attention(query, key, value, cu_seqlens, max_seqlen, scale, dropout):
-    if flash_attn_varlen_func is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    path, reason = packed_attention_path(query)
+    _report(path, reason)
+    if path == FLASH:
         return flash_attn_varlen_func(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       dropout_p=dropout, softmax_scale=scale, causal=False)
 
@@ -99,7 +129,8 @@ def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     query [B, heads, L, d], key/value [B, kv_heads, L, d]; ``attention_mask`` None or bool
     [B, 1, L, L] (True = attend). With ``cu_seq_lens_q`` the batch must be one packed row
     (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
-    (this runs once per layer), the caller checks the values once with ``check_cu_seqlens``.
+    (this runs once per layer: no device sync), the caller checks the values once with
+    ``check_cu_seqlens`` and passes the same ``cu_seq_lens_k`` tensor (or none).
     Returns ([B, L, heads, d], None).
     """
     if cu_seq_lens_q is None:
@@ -110,7 +141,8 @@ def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError("packed attention (cu_seq_lens_q given) needs batch size 1 and no attention_mask; got "
                          f"batch {query.shape[0]}, attention_mask {'set' if attention_mask is not None else 'None'}")
-    if (cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q)) or \
+    if (cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q
+            and cu_seq_lens_k.shape != cu_seq_lens_q.shape) or \
             (max_length_k is not None and max_length_k != max_length_q):
         raise ValueError("cu_seq_lens_k/max_length_k must equal cu_seq_lens_q/max_length_q (self-attention)")
     if max_length_q is None:
