@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .vectorized import float32_threshold
+
 MAX_CHUNKS = 256
 
 
@@ -22,7 +24,7 @@ def row_labels(grip_ptr, n, num_steps, C, L, stride_n, stride_c, stride_l,
     step = offs_c[:, None] * L + offs_l[None, :]
     valid = (offs_c[:, None] < C) & (offs_l[None, :] < L) & (step < num_steps)
     ptrs = grip_ptr + n.to(tl.int64) * stride_n + offs_c[:, None] * stride_c + offs_l[None, :] * stride_l
-    g = tl.load(ptrs, mask=valid, other=0.0)
+    g = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)  # float32 compare for every input dtype
     closed = tl.sum(((g > close_above) & valid).to(tl.int32), axis=1)
     count = tl.sum(valid.to(tl.int32), axis=1)
     gf = tl.math.div_rn(closed.to(tl.float32), tl.maximum(count, 1).to(tl.float32))
@@ -78,7 +80,7 @@ def launch_label_phases(gripper, num_steps, out, close_above, sustain, grip, low
     block_c, block_l = block_sizes(C, L)
     label_phases_kernel[(N,)](
         gripper, num_steps, out, C, L, *gripper.stride(),
-        float(close_above), float(sustain), float(grip), float(low), int(window),
+        float32_threshold(close_above), float(sustain), float(grip), float(low), int(window),
         BLOCK_C=block_c, BLOCK_L=block_l,
     )
     return out

@@ -4,12 +4,24 @@ import torch
 PAD, APPROACH, PRE_GRASP, ACTIVE_GRIP, RELEASE_RAMP, TAIL = -1, 0, 1, 2, 3, 4
 
 
+def float32_threshold(close_above: float) -> float:
+    """The largest float32 ``t <= close_above``: for any fp32/bf16/fp16 value ``x``, ``x > close_above``
+    (exact, as the loop reference compares) equals the float32 comparison ``x > t``."""
+    t = torch.tensor(close_above, dtype=torch.float32)
+    if float(t) > close_above:
+        t = torch.nextafter(t, torch.tensor(float("-inf")))
+    return float(t)
+
+
 def grip_fraction(gripper: torch.Tensor, num_steps: torch.Tensor, close_above: float):
-    """(gf float32 [N, C], chunk_valid bool [N, C]) from gripper [N, C, L] and num_steps int [N]."""
+    """(gf float32 [N, C], chunk_valid bool [N, C]) from gripper [N, C, L] and num_steps int [N].
+
+    The command is compared in float32 against ``float32_threshold(close_above)`` whatever its
+    dtype, so bf16/fp16/fp32 signals and both backends label alike."""
     N, C, L = gripper.shape
     step = torch.arange(C * L, device=gripper.device).view(1, C, L)
     valid = step < num_steps.view(N, 1, 1)
-    closed = ((gripper > close_above) & valid).sum(-1, dtype=torch.int32)
+    closed = ((gripper.to(torch.float32) > float32_threshold(close_above)) & valid).sum(-1, dtype=torch.int32)
     count = valid.sum(-1, dtype=torch.int32)
     gf = closed.to(torch.float32) / count.clamp(min=1).to(torch.float32)
     return gf, count > 0

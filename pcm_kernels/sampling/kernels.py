@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..phases.kernels import block_sizes, row_labels
+from ..phases.vectorized import float32_threshold
 
 MAX_KEY = tl.constexpr(3.0e38)  # = vectorized.MAX_KEY
 
@@ -130,7 +131,7 @@ def launch_select_chunks(gripper, num_steps, keep_probs, seed, labels_out, index
         block_c, block_l = block_sizes(C, L)
         select_chunks_kernel[(N,)](
             gripper, num_steps, keep_probs, seed, labels_out, index_out, ht_out, C, L, budget, *gripper.stride(),
-            float(close_above), float(sustain), float(grip), float(low), int(window),
+            float32_threshold(close_above), float(sustain), float(grip), float(low), int(window),
             BLOCK_C=block_c, BLOCK_L=block_l, BLOCK_B=_block_b(budget), WITH_WEIGHTS=ht_out is not None,
         )
     return (labels_out, index_out) if ht_out is None else (labels_out, index_out, ht_out)
