@@ -19,7 +19,7 @@ from pcm_train import run_dir
 from pcm_train.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict
 from pcm_train.controller import PCMController
-from pcm_train.distributed import DistInfo, broadcast_object
+from pcm_train.distributed import DistInfo, broadcast_batch, broadcast_object
 from pcm_train.grpo import grpo_advantages, token_mask
 from pcm_train.metrics_log import MetricsLog
 from pcm_train.policies.factory import build_policy, check_policy_path
@@ -248,8 +248,6 @@ class Trainer:
                                            action_chunk=L, action_dim=D)
         _sync(self.device)
         select_time = time.perf_counter() - select_started
-        if self.dist.enabled:  # broadcast travels through the CPU
-            kept = _batch_to(kept, torch.device("cpu"))
         row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
                "rollout_time_s": rollout_time, "select_time_s": select_time,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
@@ -258,7 +256,7 @@ class Trainer:
 
     def learn(self, payload: dict) -> dict:
         """Every rank: the actor update on its share of the kept chunks; the step's metrics row."""
-        kept = _batch_to(payload["kept"], self.device)
+        kept = payload["kept"]
         actor = self.cfg.actor
         stats, loss_metrics, _ = update_actor(
             self.policy, self.optimizer, kept, actor, self.dist,
@@ -307,9 +305,11 @@ class Trainer:
                 payload = self.collect()
             except StopRequested:
                 payload = None
-        payload = broadcast_object(payload, self.dist)
-        if payload is None:
+        header = broadcast_object(None if payload is None else {k: v for k, v in payload.items() if k != "kept"},
+                                  self.dist)
+        if header is None:
             raise StopRequested
+        payload = {**header, "kept": broadcast_batch(payload["kept"] if payload else None, self.dist, self.device)}
         row = self.learn(payload)
         return self.finish(row, payload["started"]) if self.dist.is_main else row
 
@@ -364,20 +364,6 @@ class Trainer:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-
-
-def _batch_to(kept, device: torch.device):
-    """A shrunk batch with its tensors, meta_info tensors and packing layout on ``device``."""
-    import dataclasses
-
-    kept = kept.to(device)
-    meta = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kept.meta_info.items()}
-    rows = meta["rows"]
-    meta["rows"] = dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device)
-                                                for f in dataclasses.fields(rows)
-                                                if isinstance(getattr(rows, f.name), torch.Tensor)})
-    kept.meta_info = meta
-    return kept
 
 
 def _advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict:
