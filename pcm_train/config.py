@@ -235,6 +235,7 @@ class EnvSection:
     num_workers: int = 0  # Ray env workers; 0 = one per CPU core
     ray_address: Optional[str] = None  # None = start Ray locally; "auto" or an address = join a cluster
     step_timeout_s: float = 120.0  # a worker silent this long is restarted
+    ray_dashboard: bool = False  # Ray's dashboard when the run starts Ray (it costs CPU on small machines)
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.suite", self.suite, SUITES)

@@ -18,12 +18,13 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked."""
 
 
-def check_fresh(run_dir: Path, overwrite: bool) -> None:
-    """A fresh run may only start in a missing or empty directory, or replace one on request."""
+def check_fresh(run_dir: Path, overwrite: bool, ignore: tuple[str, ...] = ()) -> None:
+    """A fresh run may only start in a missing or empty directory (but for ``ignore``d entries), or
+    replace one on request."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"trainer.output_dir={run_dir} is a file, not a directory")
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in ignore) if run_dir.is_dir() else []
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise RunDirError(f"trainer.output_dir={run_dir} is not empty ({shown}); continue that run with "
@@ -65,11 +66,14 @@ def clean_staging(run_dir: Path) -> list[Path]:
     return removed
 
 
-def replace_contents(run_dir: Path) -> None:
-    """Empties ``run_dir`` (``trainer.overwrite=true``), creating it if needed."""
+def replace_contents(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Empties ``run_dir`` (``trainer.overwrite=true``) but for the entries named in ``keep``, creating it
+    if needed."""
     run_dir = Path(run_dir)
     if run_dir.is_dir():
         for path in run_dir.iterdir():
+            if path.name in keep:
+                continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:

@@ -52,7 +52,8 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
     return EnvWorkerPool(min(workers, episodes), cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
                          privileged_state=state_mode,
                          envs_per_worker=math.ceil(episodes / min(workers, episodes)), ray_address=cfg.env.ray_address,
-                         step_timeout_s=cfg.env.step_timeout_s,
+                         step_timeout_s=cfg.env.step_timeout_s, owner_dir=cfg.resume or cfg.trainer.output_dir,
+                         dashboard=cfg.env.ray_dashboard,
                          max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,
                          num_steps_wait=cfg.rollout.num_steps_wait)
 
@@ -100,7 +101,9 @@ class Trainer:
                     tqdm.write(f"warning: {self.run_dir / 'metrics.jsonl'} lacks {len(missing)} of the steps "
                                f"before the checkpoint (trainer.allow_partial_log=true)", file=sys.stderr)
         elif self.dist.is_main:
-            run_dir.check_fresh(self.run_dir, cfg.trainer.overwrite)
+            from pcm_train.envs.workers import OWNER_FILE
+
+            run_dir.check_fresh(self.run_dir, cfg.trainer.overwrite, ignore=(OWNER_FILE,))  # a dead run's Ray record
         torch.manual_seed(cfg.trainer.seed)
         self._base_staging = None
         self.pool = None
@@ -136,7 +139,9 @@ class Trainer:
         in, clean staging leftovers, align the metrics log and TensorBoard with the checkpoint, save
         ``config.json``)."""
         if not self.cfg.resume and self.cfg.trainer.overwrite:
-            run_dir.replace_contents(self.run_dir)
+            from pcm_train.envs.workers import OWNER_FILE
+
+            run_dir.replace_contents(self.run_dir, keep=(OWNER_FILE,))  # the live pool's record of its Ray processes
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._base_staging is not None:
             os.replace(self._base_staging, self.run_dir / "base_policy")

@@ -31,7 +31,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     },
     "env": {
         "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0,
-        "ray_address": None, "step_timeout_s": 120.0,
+        "ray_address": None, "step_timeout_s": 120.0, "ray_dashboard": False,
     },
     "resume": None,
 }

@@ -6,26 +6,82 @@ parallelism is across workers). A batch of episodes is started with ``reset``
 and advanced one action chunk at a time with ``step_chunk``; an episode stops
 inside a chunk at success or at ``max_steps``.
 
-Fault handling: a worker that dies (crash, OOM kill, ``ray.kill``) or gives no
-answer within the call's timeout is killed and replaced by a fresh actor, and
-every unfinished episode it held is rebuilt by resetting to the same task and
-initial state and replaying the actions already executed. The simulator is
-deterministic (bitwise), so the episode continues exactly where it was and the
-interrupted call is then re-issued; the caller sees no difference except
-``restarts`` going up. A worker failing ``max_restarts`` times in a row within
-one call raises RuntimeError.
+Lost workers: every way Ray can lose a worker takes one recovery path. The
+errors are listed in ``WORKER_LOST_ERRORS``:
+
+- ``RayActorError``: the actor process died (crash, SIGKILL, ``ray.kill``; as
+  ``ActorDiedError``) or is unreachable (``ActorUnavailableError``);
+- ``OutOfMemoryError``: Ray's memory monitor killed the worker;
+- ``NodeDiedError``: the node holding the worker died or is unreachable;
+- ``WorkerCrashedError``: the worker process died while running the call;
+- ``ObjectLostError`` (with ``OwnerDiedError``, ``ObjectReconstructionFailedError``):
+  the call's result was lost;
+- ``TaskCancelledError``: the call was cancelled;
+- ``GetTimeoutError``, or no answer within the call's timeout (``step_timeout_s``,
+  ``reset_timeout_s``): the worker hangs.
+
+The worker is killed and replaced by a fresh actor, and every unfinished
+episode it held is rebuilt by resetting to the same task and initial state and
+replaying the actions already executed. The simulator is deterministic
+(bitwise), so the episode continues exactly where it was and the interrupted
+call is then re-issued; the caller sees no difference except ``restarts`` going
+up and a logged warning per replacement. A worker lost ``max_restarts + 1``
+times in a row within one call raises RuntimeError naming the worker, its
+episodes and each reason.
+
+Not lost workers, so never retried: an exception raised by the environment code
+inside a worker (Ray's ``RayTaskError``, which is also an instance of the
+original exception class) or by a worker's constructor is re-raised with its
+original message and a note naming the worker, the call and the episodes; a
+failure of Ray itself (``LocalRayletDiedError``, ``RaySystemError``) raises
+RuntimeError. Any error out of ``reset`` or ``step_chunk`` ends the batch (some
+envs may have stepped, others not); ``reset`` starts a new one.
+
+Ray processes: a pool that starts the local Ray instance owns it (dashboard off
+unless ``dashboard=True``) and shuts it down on ``close()``, which also runs from
+``with``, on interpreter exit (``atexit``) and when the constructor fails. With
+``owner_dir``, the pool records the Ray processes it started in
+``owner_dir/ray_processes.json`` (removed by ``close()``); a process killed with
+SIGKILL cannot clean up, so the next pool given the same ``owner_dir`` finds the
+file, terminates the recorded Ray processes that outlived their driver and
+logs a warning naming them (``reclaim_ray_processes``).
 """
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import (GetTimeoutError, LocalRayletDiedError, NodeDiedError, ObjectLostError, OutOfMemoryError,
+                            RayActorError, RayError, RaySystemError, RayTaskError, TaskCancelledError,
+                            WorkerCrashedError)
 
 from .libero import ACTION_DIM, LiberoEnv, initial_state
+
+logger = logging.getLogger(__name__)
+
+# Every way Ray reports a lost worker. Each takes the same path: kill the worker, start a fresh one, replay its
+# unfinished episodes, re-issue the call. No answer within the call's timeout takes it too.
+WORKER_LOST_ERRORS: tuple[type[RayError], ...] = (
+    RayActorError,  # ActorDiedError (crash, SIGKILL, ray.kill, OOM kill of the process), ActorUnavailableError
+    OutOfMemoryError,  # Ray's memory monitor killed the worker to free memory
+    NodeDiedError,  # the worker's node died or is unreachable
+    WorkerCrashedError,  # the worker process died while running the call
+    ObjectLostError,  # the call's result was lost (also OwnerDiedError, ObjectReconstructionFailedError)
+    TaskCancelledError,  # the call was cancelled (ray.cancel, `ray stop`)
+    GetTimeoutError,  # the result did not arrive in time
+)
+# Ray itself failed in this process (the local raylet died, a system error): a new worker cannot help.
+RAY_FAILED_ERRORS: tuple[type[RayError], ...] = (LocalRayletDiedError, RaySystemError)
+
+OWNER_FILE = "ray_processes.json"  # in owner_dir: the driver and the Ray processes it started
+_RAY_DIR = os.path.dirname(os.path.abspath(ray.__file__)) + os.sep  # Ray's binaries and helper scripts live here
 
 
 @dataclass
@@ -65,6 +121,10 @@ class _EnvWorker:
     def __init__(self, suite: str, num_envs: int, env_options: dict):
         self._envs = [LiberoEnv(suite, **env_options) for _ in range(num_envs)]
 
+    def pid(self) -> int:
+        """The worker's process id (diagnostics, fault-injection tests)."""
+        return os.getpid()
+
     def restore(self, jobs: list[tuple[int, int, int, np.ndarray]]) -> list[dict]:
         """Per job (slot, task_id, init_state_id, actions [N, 7]): reset, replay the actions; the obs."""
         observations = []
@@ -91,18 +151,22 @@ class _EnvWorker:
 class EnvWorkerPool:
     """LiberoEnvs in ``num_workers`` Ray actors, stepped a chunk at a time for a batch of episodes.
 
-    Starts a local Ray instance (one CPU per core, no dashboard, quiet logs)
-    unless Ray is already initialized in this process or ``ray_address``
-    ("auto" or "host:port") names a cluster to join; ``close`` shuts down only
-    a Ray instance the pool started. ``env_options`` are further LiberoEnv
-    keyword arguments (render_size, center_crop, privileged_state, max_steps,
+    Starts a local Ray instance (one CPU per core, quiet logs, no dashboard
+    unless ``dashboard=True``) unless Ray is already initialized in this
+    process or ``ray_address`` ("auto" or "host:port") names a cluster to join;
+    ``close`` shuts down only a Ray instance the pool started, and makes sure
+    every process of it has exited. ``owner_dir`` (e.g. the run directory):
+    record the Ray processes the pool started in ``owner_dir/ray_processes.json``
+    and, first, reclaim those an earlier, SIGKILLed process recorded there (see
+    the module docstring). ``env_options`` are further LiberoEnv keyword
+    arguments (render_size, center_crop, privileged_state, max_steps,
     num_steps_wait). Each worker reserves ``cpus_per_worker`` Ray CPUs.
     """
 
     def __init__(self, num_workers: int, suite: str, *, camera: bool = True, image_size: int = 224,
                  envs_per_worker: int = 1, ray_address: str | None = None, cpus_per_worker: float = 1.0,
                  reset_timeout_s: float = 300.0, step_timeout_s: float = 60.0, max_restarts: int = 3,
-                 **env_options):
+                 dashboard: bool = False, owner_dir: str | os.PathLike | None = None, **env_options):
         for name, value in (("num_workers", num_workers), ("envs_per_worker", envs_per_worker)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -120,22 +184,42 @@ class EnvWorkerPool:
         self.step_timeout_s = step_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0  # workers replaced so far
-        self._owns_ray = _connect(ray_address)
-        cpus = ray.available_resources().get("CPU", 0.0)
-        if num_workers * cpus_per_worker > cpus:
-            if self._owns_ray:
-                ray.shutdown()
-            raise ValueError(f"num_workers={num_workers} x cpus_per_worker={cpus_per_worker} exceeds the {cpus:g} "
-                             "free CPUs of the Ray cluster; lower cpus_per_worker (e.g. 0.5) to share cores")
-        self._actor_class = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_EnvWorker)
-        self._workers = [self._new_worker() for _ in range(num_workers)]
-        self._slot_task: list[int | None] = [None] * self.num_slots  # task each env was last reset to
+        self._workers: list = []
         self._episodes: list[_Episode] = []
+        self._closed = False
+        self._owner_file: Path | None = None  # where this pool records its Ray processes
+        self._ray_processes: dict[int, dict] = {}  # pid -> record entry, for the Ray processes this pool started
+        if owner_dir is not None:
+            owner_dir = Path(owner_dir)
+            owner_dir.mkdir(parents=True, exist_ok=True)
+            reclaim_ray_processes(owner_dir)
+        self._owns_ray = _connect(ray_address, dashboard)
+        atexit.register(self.close)
+        try:
+            if self._owns_ray and owner_dir is not None:
+                self._claim(owner_dir / OWNER_FILE)
+            self._record_ray_processes()
+            cpus = ray.available_resources().get("CPU", 0.0)
+            if num_workers * cpus_per_worker > cpus:
+                raise ValueError(f"num_workers={num_workers} x cpus_per_worker={cpus_per_worker} exceeds the "
+                                 f"{cpus:g} free CPUs of the Ray cluster; lower cpus_per_worker (e.g. 0.5) to "
+                                 "share cores")
+            self._actor_class = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_EnvWorker)
+            self._workers = [self._new_worker() for _ in range(num_workers)]
+            self._slot_task: list[int | None] = [None] * self.num_slots  # task each env was last reset to
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def num_slots(self) -> int:
         """Most episodes a batch can hold: num_workers * envs_per_worker."""
         return len(self._workers) * self.envs_per_worker
+
+    @property
+    def closed(self) -> bool:
+        """``close()`` has run."""
+        return self._closed
 
     @property
     def workers(self) -> list:
@@ -149,6 +233,7 @@ class EnvWorkerPool:
         already on its task (a task switch rebuilds the simulator) while
         spreading the batch evenly over the workers.
         """
+        self._check_open()
         episodes = [(int(task_id), int(init_state_id)) for task_id, init_state_id in episodes]
         if not 1 <= len(episodes) <= self.num_slots:
             raise ValueError(f"episodes must hold 1 to {self.num_slots} (task_id, init_state_id) pairs, "
@@ -159,10 +244,11 @@ class EnvWorkerPool:
         slots = self._assign_slots([task_id for task_id, _ in episodes])
         jobs = self._by_worker({index: (slot, *episode, np.zeros((0, ACTION_DIM)))
                                 for index, (slot, episode) in enumerate(zip(slots, episodes))})
-        observations = self._call("restore", jobs, self.reset_timeout_s)
+        observations = self._call("restore", jobs, self.reset_timeout_s, episodes)
         for index, ((task_id, init_state_id), slot) in enumerate(zip(episodes, slots)):
             self._slot_task[slot] = task_id
             self._episodes.append(_Episode(task_id, init_state_id, slot, observations[index]))
+        self._record_ray_processes()  # the worker processes exist by now
         return [episode.obs for episode in self._episodes]
 
     def step_chunk(self, actions: np.ndarray, active: np.ndarray | None = None) -> ChunkResult:
@@ -172,6 +258,7 @@ class EnvWorkerPool:
         episodes that are already over are never stepped. An episode stops
         within the chunk at success or max_steps.
         """
+        self._check_open()
         num_episodes = len(self._episodes)
         if num_episodes == 0:
             raise RuntimeError("no episodes are running; call reset() first")
@@ -187,7 +274,8 @@ class EnvWorkerPool:
         running = [index for index, episode in enumerate(self._episodes)
                    if active[index] and not (episode.terminated or episode.truncated)]
         jobs = self._by_worker({index: (self._episodes[index].slot, actions[index]) for index in running})
-        results = self._call("step_chunk", jobs, self.step_timeout_s)
+        results = self._call("step_chunk", jobs, self.step_timeout_s,
+                             [(episode.task_id, episode.init_state_id) for episode in self._episodes])
         reward = np.zeros(num_episodes, dtype=np.float32)
         steps = np.zeros(num_episodes, dtype=np.int64)
         for index in running:
@@ -200,14 +288,31 @@ class EnvWorkerPool:
             truncated=np.array([episode.truncated for episode in self._episodes]), steps=steps)
 
     def close(self) -> None:
-        """Stop the workers (and the Ray instance, if the pool started it). Idempotent."""
-        for worker in self._workers:
-            ray.kill(worker, no_restart=True)
-        self._workers = []
-        self._episodes = []
+        """Stop the workers and, if the pool started it, the Ray instance with every process it ran.
+
+        Idempotent; safe after a lost worker or a failed call. Also runs when
+        the interpreter exits (``atexit``) and when the constructor fails.
+        Removes the pool's ``owner_dir`` record.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        workers, self._workers, self._episodes = self._workers, [], []
+        if ray.is_initialized():
+            for index, worker in enumerate(workers):
+                try:
+                    ray.kill(worker, no_restart=True)
+                except RayError as error:  # the worker is gone already; nothing is left to stop
+                    logger.warning("closing the env pool: could not kill env worker %d (%s)", index,
+                                   _describe_error(error))
         if self._owns_ray:
-            ray.shutdown()
             self._owns_ray = False
+            ray.shutdown()
+            self._stop_leftover_processes()
+        if self._owner_file is not None:
+            self._owner_file.unlink(missing_ok=True)
+            self._owner_file = None
 
     def __enter__(self) -> EnvWorkerPool:
         return self
@@ -216,6 +321,10 @@ class EnvWorkerPool:
         self.close()
 
     # ----- internals -----
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the env pool is closed; create a new EnvWorkerPool")
 
     def _new_worker(self):
         return self._actor_class.remote(self.suite, self.envs_per_worker, self._env_options)
@@ -250,30 +359,57 @@ class EnvWorkerPool:
             grouped.setdefault(worker, {})[index] = (local_slot, *rest)
         return grouped
 
-    def _call(self, method: str, jobs: dict[int, dict[int, tuple]], timeout_s: float) -> dict[int, object]:
-        """Run ``method`` on each worker's jobs in parallel, replacing workers that die or hang; per-episode results."""
+    def _call(self, method: str, jobs: dict[int, dict[int, tuple]], timeout_s: float,
+              episodes: list[tuple[int, int]]) -> dict[int, object]:
+        """Run ``method`` on each worker's jobs in parallel, replacing lost workers; per-episode results.
+
+        ``episodes``: (task_id, init_state_id) of every episode of the batch, for messages. Any error ends the
+        batch (``reset`` starts a new one).
+        """
+        try:
+            return self._call_with_restarts(method, jobs, timeout_s, episodes)
+        except BaseException:
+            self._episodes = []  # some envs may have stepped, others not: the batch cannot continue
+            raise
+
+    def _call_with_restarts(self, method: str, jobs: dict[int, dict[int, tuple]], timeout_s: float,
+                            episodes: list[tuple[int, int]]) -> dict[int, object]:
         results: dict[int, object] = {}
         failures: dict[int, str] = {}
         pending = dict(jobs)
         for attempt in range(self.max_restarts + 1):
             if attempt:
-                for worker in pending:
+                for worker, reason in failures.items():
+                    logger.warning("env worker %d %s during %s of %s; replacing it and replaying its episodes "
+                                   "(replacement %d of at most %d in a row)", worker, reason, method,
+                                   _episode_list(pending[worker], episodes), attempt, self.max_restarts)
                     self._replace(worker)
             refs = {worker: getattr(self._workers[worker], method).remote(list(batch.values()))
                     for worker, batch in pending.items()}
-            values, failures = _gather(refs, timeout_s)
+            values, failures = _gather(refs, timeout_s, method,
+                                       {worker: _episode_list(pending[worker], episodes) for worker in pending})
             for worker, value in values.items():
                 results.update(zip(pending[worker], value))
             pending = {worker: pending[worker] for worker in failures}
             if not pending:
                 return results
-        raise RuntimeError(f"{method} failed {self.max_restarts + 1} times in a row on worker(s): " +
-                           "; ".join(f"{worker}: {reason}" for worker, reason in failures.items()))
+        raise RuntimeError(
+            f"{method} failed {self.max_restarts + 1} times in a row on env worker(s) " +
+            "; ".join(f"{worker} ({_episode_list(pending[worker], episodes)}): {reason}"
+                      for worker, reason in failures.items()) +
+            f". Each time the worker was replaced and its episodes replayed (max_restarts={self.max_restarts}). "
+            "If Ray killed it for memory (OutOfMemoryError), run fewer env workers or envs per worker; if it is "
+            "just slow, raise the timeout (step_timeout_s / reset_timeout_s); Ray's logs are in "
+            "/tmp/ray/session_latest/logs.")
 
     def _replace(self, worker: int) -> None:
-        """Kill a worker, start a fresh one and rebuild its unfinished episodes (best effort: a failure here
-        shows up as a failure of the re-issued call)."""
-        ray.kill(self._workers[worker], no_restart=True)
+        """Kill a worker, start a fresh one and rebuild its unfinished episodes (a failure here shows up as a
+        failure of the re-issued call, which replaces the worker again)."""
+        try:
+            ray.kill(self._workers[worker], no_restart=True)
+        except RayError as error:  # already gone
+            logger.warning("could not kill lost env worker %d (%s); starting a new one anyway", worker,
+                           _describe_error(error))
         self._workers[worker] = self._new_worker()
         self.restarts += 1
         first = worker * self.envs_per_worker
@@ -284,38 +420,262 @@ class EnvWorkerPool:
                 if episode.slot // self.envs_per_worker == worker and not (episode.terminated or episode.truncated)}
         if not jobs:
             return
-        values, _ = _gather({worker: self._workers[worker].restore.remote(list(jobs.values()))},
-                            self.reset_timeout_s)
+        episodes = [(episode.task_id, episode.init_state_id) for episode in self._episodes]
+        values, failures = _gather({worker: self._workers[worker].restore.remote(list(jobs.values()))},
+                                   self.reset_timeout_s, "restore", {worker: _episode_list(jobs, episodes)})
+        if worker in failures:
+            logger.warning("the replacement of env worker %d %s while replaying %s; the re-issued call will "
+                           "replace it again", worker, failures[worker], _episode_list(jobs, episodes))
         for index, obs in zip(jobs, values.get(worker, [])):
             self._episodes[index].obs = obs
             self._slot_task[self._episodes[index].slot] = self._episodes[index].task_id
+        self._record_ray_processes()
+
+    # ----- Ray processes -----
+
+    def _claim(self, path: Path) -> None:
+        """Record this pool's Ray processes at ``path``, unless another live process records its own there."""
+        record = _read_record(path)
+        driver = _running(record["driver"]) if record else None
+        if driver is not None and driver.pid != os.getpid():
+            logger.warning("%s records the Ray processes of process %d, which is still running; this pool does not "
+                           "record its own there (give each run its own owner_dir)", path, driver.pid)
+            return
+        self._owner_file = path
+
+    def _record_ray_processes(self) -> None:
+        """Note the Ray processes this pool started (its process's Ray descendants) and write the owner record."""
+        if not self._owns_ray:
+            return
+        driver = psutil.Process()
+        for process in _ray_descendants(driver):
+            entry = _entry(process)
+            if entry is not None:
+                self._ray_processes[process.pid] = entry
+        self._ray_processes = {pid: entry for pid, entry in self._ray_processes.items()
+                               if _running(entry, ray_only=True) is not None}
+        if self._owner_file is None:
+            return
+        record = {"driver": _entry(driver), "processes": list(self._ray_processes.values())}
+        temporary = self._owner_file.with_name(self._owner_file.name + ".tmp")
+        temporary.write_text(json.dumps(record, indent=1))
+        os.replace(temporary, self._owner_file)  # a kill mid-write never leaves a torn record
+
+    def _stop_leftover_processes(self) -> None:
+        """After ray.shutdown(): wait for the pool's Ray processes to exit; terminate any that do not."""
+        processes = [process for entry in self._ray_processes.values()
+                     if (process := _running(entry, ray_only=True)) is not None]
+        self._ray_processes = {}
+        _, alive = psutil.wait_procs(processes, timeout=10.0)
+        alive = [process for process in alive if _is_running(process)]
+        if alive:
+            names = _terminate(alive)
+            logger.warning("Ray processes still running 10 s after ray.shutdown() were terminated: %s",
+                           ", ".join(names))
 
 
-def _connect(ray_address: str | None) -> bool:
-    """Make sure Ray is initialized; True if this call started it."""
+def reclaim_ray_processes(owner_dir: str | os.PathLike) -> list[str]:
+    """Terminate the Ray processes an ended process left behind, as recorded in ``owner_dir/ray_processes.json``.
+
+    A pool that started Ray records its driver and Ray processes there; a
+    driver killed with SIGKILL leaves the record, and some Ray helpers (the
+    raylet's dashboard and runtime-env agents) outlive it. If the recorded
+    driver is gone, every recorded process still running is terminated,
+    together with the Ray processes it started since. A process counts only if
+    its pid, start time and command line (a Ray binary, script or ``ray::``
+    worker) all match, so an unrelated process that reused a pid is never
+    touched. Logs a warning naming what was terminated, removes the record, and
+    returns the names ("pid 123 ray::DashboardAgent"). A record whose driver
+    still runs is left alone.
+    """
+    path = Path(owner_dir) / OWNER_FILE
+    record = _read_record(path)
+    if record is None or _running(record["driver"]) is not None:
+        return []
+    leftovers: dict[int, psutil.Process] = {}
+    for entry in record["processes"]:
+        process = _running(entry, ray_only=True)
+        if process is not None:
+            leftovers[process.pid] = process
+    for process in list(leftovers.values()):
+        for child in _ray_descendants(process):
+            leftovers.setdefault(child.pid, child)
+    names = _terminate(list(leftovers.values()))
+    path.unlink(missing_ok=True)
+    if names:
+        logger.warning("Reclaimed %d Ray process(es) left running by an earlier run in %s, whose process (pid %d) "
+                       "ended without shutting Ray down (e.g. killed with SIGKILL): %s", len(names), owner_dir,
+                       record["driver"]["pid"], ", ".join(names))
+    return names
+
+
+def _connect(ray_address: str | None, dashboard: bool = False) -> bool:
+    """Make sure Ray is initialized; True if this call started it (or joined ``ray_address``)."""
     if ray.is_initialized():
         return False
     if ray_address is None:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.ERROR)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=dashboard, logging_level=logging.ERROR)
     else:
         ray.init(address=ray_address, logging_level=logging.ERROR)
     return True
 
 
-def _gather(refs: dict[int, ray.ObjectRef], timeout_s: float) -> tuple[dict[int, object], dict[int, str]]:
-    """Wait for worker calls: ({worker: result}, {worker: reason}) for the ones that answered / died or hung.
+def _gather(refs: dict[int, ray.ObjectRef], timeout_s: float, method: str,
+            episodes: dict[int, str]) -> tuple[dict[int, object], dict[int, str]]:
+    """Wait for worker calls: ({worker: result}, {worker: reason}) for the ones that answered / were lost.
 
-    Errors raised by the environment code itself (RayTaskError) propagate.
+    A worker is lost on any of WORKER_LOST_ERRORS or no answer within ``timeout_s``. An error raised by the
+    environment code (RayTaskError; or in the worker's constructor) is re-raised with a note naming the worker,
+    ``method`` and its ``episodes``; a failure of Ray itself (RAY_FAILED_ERRORS) raises RuntimeError.
     """
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     ready = set(ready)
     values, failures = {}, {}
     for worker, ref in refs.items():
         if ref not in ready:
-            failures[worker] = f"no answer within {timeout_s:g} s"
+            failures[worker] = f"gave no answer within {timeout_s:g} s"
             continue
         try:
-            values[worker] = ray.get(ref)
-        except RayActorError as error:
-            failures[worker] = f"worker died ({type(error).__name__})"
+            values[worker] = ray.get(ref, timeout=timeout_s)
+        except RayTaskError as error:  # before the others: it is also an instance of the original exception class
+            _add_note(error, f"Raised by the environment code in env worker {worker} during {method} of "
+                             f"{episodes[worker]}: a bug in the env code, not a lost worker, so not retried. The batch "
+                             "is ended; call reset() to start a new one.")
+            raise
+        except WORKER_LOST_ERRORS as error:
+            if isinstance(error, RayActorError) and error.actor_init_failed:
+                raise RuntimeError(f"env worker {worker} could not be created (building its LiberoEnvs raised "
+                                   f"inside the worker), so it cannot run {method} of {episodes[worker]}; a bug or "
+                                   f"a broken install, not a lost worker, so not retried: {error}") from error
+            failures[worker] = f"was lost ({_describe_error(error)})"
+        except RAY_FAILED_ERRORS as error:
+            raise RuntimeError(f"Ray itself failed while env worker {worker} ran {method} of {episodes[worker]} "
+                               f"({_describe_error(error)}); replacing the worker cannot help. Restart the process "
+                               "(a training run continues from its last checkpoint with resume=RUN_DIR).") from error
     return values, failures
+
+
+def _episode_list(indices, episodes: list[tuple[int, int]]) -> str:
+    """'episodes 0 (task 2, init state 0), 3 (task 1, init state 4)' for batch indices."""
+    parts = [f"{index} (task {episodes[index][0]}, init state {episodes[index][1]})" if index < len(episodes)
+             else str(index) for index in indices]
+    return ("episode " if len(parts) == 1 else "episodes ") + ", ".join(parts)
+
+
+def _describe_error(error: BaseException, limit: int = 600) -> str:
+    """'TypeName: message' on one line, at most ``limit`` characters."""
+    text = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+
+
+# ----- processes -----
+
+def _looks_like_ray(cmdline: list[str]) -> bool:
+    """A Ray process: a ``ray::`` worker or agent, or a binary or script of the installed Ray package."""
+    return bool(cmdline) and (cmdline[0].startswith("ray::") or any(part.startswith(_RAY_DIR) for part in cmdline))
+
+
+def _short_name(cmdline: list[str]) -> str:
+    """'ray::DashboardAgent', 'raylet', 'log_monitor.py': what a process is, for messages."""
+    if not cmdline:
+        return "?"
+    if cmdline[0].startswith("ray::"):
+        return cmdline[0].split()[0]
+    scripts = [part for part in cmdline[1:] if part.endswith(".py")]
+    return os.path.basename(scripts[0] if scripts else cmdline[0])
+
+
+def _entry(process: psutil.Process) -> dict | None:
+    """{"pid", "create_time", "name"} of a process, or None if it has exited."""
+    try:
+        with process.oneshot():
+            return {"pid": process.pid, "create_time": process.create_time(), "name": _short_name(process.cmdline())}
+    except psutil.Error:
+        return None
+
+
+def _is_running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _running(entry: dict, ray_only: bool = False) -> psutil.Process | None:
+    """The recorded process if it still runs (not a zombie) as itself: same pid and start time and, with
+    ``ray_only``, a Ray command line; None otherwise."""
+    try:
+        process = psutil.Process(int(entry["pid"]))
+        if abs(process.create_time() - float(entry["create_time"])) > 1.0 or not _is_running(process):
+            return None
+        if ray_only and not _looks_like_ray(process.cmdline()):
+            return None
+        return process
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
+
+
+def _ray_descendants(process: psutil.Process) -> list[psutil.Process]:
+    """The running Ray processes below a process, reached through Ray processes only (the Ray instance of a
+    child that is not Ray itself, e.g. another Python program, is not this process's)."""
+    try:
+        descendants = process.children(recursive=True)
+    except psutil.Error:
+        return []
+    parent_of, ray_like = {}, {}
+    for child in descendants:
+        try:
+            parent_of[child.pid] = child.ppid()
+            ray_like[child.pid] = child.status() != psutil.STATUS_ZOMBIE and _looks_like_ray(child.cmdline())
+        except psutil.Error:
+            ray_like[child.pid] = False
+
+    def reached(pid: int) -> bool:
+        while pid != process.pid:
+            if not ray_like.get(pid, False):
+                return False
+            pid = parent_of[pid]
+        return True
+
+    return [child for child in descendants if reached(child.pid)]
+
+
+def _terminate(processes: list[psutil.Process], timeout_s: float = 5.0) -> list[str]:
+    """SIGTERM, then SIGKILL after ``timeout_s``, to each process; 'pid N name' of each one signalled."""
+    names = []
+    for process in processes:
+        try:
+            names.append(f"pid {process.pid} {_short_name(process.cmdline())}")
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
+    return names
+
+
+def _read_record(path: Path) -> dict | None:
+    """The owner record at ``path``, or None if there is none (an unreadable one is reported and removed)."""
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("driver"), dict) \
+                or not isinstance(record.get("processes"), list):
+            raise ValueError("not an owner record")
+        return record
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring and removing the unreadable Ray owner record %s (%s); Ray processes it listed, "
+                       "if any, are not reclaimed", path, error)
+        path.unlink(missing_ok=True)
+        return None
