@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "triton>=3.2",
+        "triton>=3.6",
         "numpy",
         "tqdm",
     ],
