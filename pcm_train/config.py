@@ -26,6 +26,7 @@ STRATEGIES = ("full", "random", "top_phase", "pcm")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # verl's agg_loss
 KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # verl's kl_penalty
 ESTIMATORS = ("biased", "unbiased")
+LOGGERS = ("tensorboard", "wandb")  # beside metrics.jsonl
 DTYPES = ("float32", "bfloat16", "float16")
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 POLICIES = ("small_vla", "openvla_oft")
@@ -211,6 +212,9 @@ class TrainerSection:
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:<index>"
     overwrite: bool = False  # a fresh run may replace a non-empty output_dir (else it refuses)
     allow_partial_log: bool = False  # resume although metrics.jsonl lacks steps before the checkpoint
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of LOGGERS (metrics.jsonl always)
+    wandb_project: str = "pcm"
+    wandb_mode: Optional[str] = None  # "online", "offline" (no network needed), "disabled"; None = WANDB_MODE
 
     def validate(self, prefix: str) -> None:
         _at_least(f"{prefix}.total_steps", self.total_steps, 1)
@@ -220,6 +224,10 @@ class TrainerSection:
         if self.output_dir is not None and not self.output_dir.strip():
             raise ConfigError(f"{prefix}.output_dir must be a path or null, got an empty string")
         _at_least(f"{prefix}.seed", self.seed, 0)
+        for index, name in enumerate(self.loggers):
+            _one_of(f"{prefix}.loggers[{index}]", name, LOGGERS)
+        if self.wandb_mode is not None:
+            _one_of(f"{prefix}.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"{prefix}.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
 

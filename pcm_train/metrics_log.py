@@ -1,24 +1,44 @@
-"""Per-step metrics: one JSON object per line in ``metrics.jsonl`` and TensorBoard scalars."""
+"""Per-step metrics: one JSON object per line in ``metrics.jsonl``, plus TensorBoard and/or wandb.
+
+Every backend gets the same metric names (the row's keys) against the training step. On a
+resumed run the steps to redo are dropped from ``metrics.jsonl`` and TensorBoard (``purge_step``);
+wandb resumes the same run (its id is kept in ``RUN/wandb_run_id``) and plots against the ``step``
+metric, so a redone step appears there twice, the later point being the one ``metrics.jsonl`` has.
+"""
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
+
+from pcm_train.config import LOGGERS
 
 
 class MetricsLog:
     """Append-only metrics of a run; ``truncate_after(step)`` drops steps a resumed run will redo."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, *, loggers: tuple[str, ...] | list[str] = ("tensorboard",),
+                 purge_step: int | None = None, config: dict | None = None, wandb_project: str = "pcm",
+                 wandb_mode: str | None = None):
         """``purge_step``: the first step this process will write; TensorBoard drops its points at and
-        after it (a resumed run redoes those steps), as ``truncate_after(purge_step - 1)`` does here."""
-        self.path = Path(run_dir) / "metrics.jsonl"
+        after it (a resumed run redoes those steps), as ``truncate_after(purge_step - 1)`` does here.
+        ``loggers``: any of ``LOGGERS``; ``config`` is recorded with the wandb run; ``wandb_mode``
+        ``online``/``offline``/``disabled`` (None: wandb's own default, e.g. ``WANDB_MODE``)."""
+        unknown = sorted(set(loggers) - set(LOGGERS))
+        if unknown:
+            raise ValueError(f"loggers must be among {LOGGERS}, got {unknown}")
+        run_dir = Path(run_dir)
+        self.path = run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = None
-        if tensorboard:
+        self._wandb = None
+        if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+        if "wandb" in loggers:
+            self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
 
     def truncate_after(self, step: int) -> None:
         """Keep the rows of steps <= ``step`` (atomically: a crash leaves the old or the new log)."""
@@ -32,15 +52,37 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        scalars = {k: v for k, v in clean.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._writer is not None:
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(key, value, global_step=row["step"])
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, global_step=row["step"])
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log({"step": row["step"], **scalars})
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, config: dict | None, project: str, mode: str | None):
+    """A wandb run in ``run_dir/wandb``, resumed when ``run_dir/wandb_run_id`` names one."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("trainer.loggers includes wandb but wandb is not installed (pip install wandb)") from None
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                     config=config, mode=mode)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    id_file.write_text(run_id)
+    return run
 
 
 def read_metrics(path: Path) -> list[dict]:

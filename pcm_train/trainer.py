@@ -148,7 +148,9 @@ class Trainer:
             self._base_staging = None
         for path in run_dir.clean_staging(self.run_dir):
             tqdm.write(f"removed {path} (left by an interrupted checkpoint write)", file=sys.stderr)
-        metrics = MetricsLog(self.run_dir, purge_step=self.step)
+        t = self.cfg.trainer
+        metrics = MetricsLog(self.run_dir, loggers=t.loggers, purge_step=self.step, config=config_to_dict(self.cfg),
+                             wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
         metrics.truncate_after(self.step - 1)
         ckpt.write_atomically(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
         return metrics

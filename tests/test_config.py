@@ -27,7 +27,8 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
         "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": None, "seed": 0,
-        "device": "auto", "overwrite": False, "allow_partial_log": False,
+        "device": "auto", "overwrite": False, "allow_partial_log": False, "loggers": ["tensorboard"],
+        "wandb_project": "pcm", "wandb_mode": None,
     },
     "env": {
         "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0,
@@ -166,6 +167,8 @@ def test_malformed_overrides(override, message):
         ("trainer.output_dir=", "trainer.output_dir"),
         ("trainer.seed=-1", "trainer.seed"),
         ("trainer.device=gpu", "trainer.device"),
+        ("trainer.loggers=[tensorboard,mlflow]", "trainer.loggers[1]"),
+        ("trainer.wandb_mode=cloud", "trainer.wandb_mode"),
         ("preset=fast", "preset"),
     ],
 )

@@ -138,3 +138,40 @@ def test_report_cli_compares_runs(tmp_path, capsys):
     assert "full" in summary and "pcm" in summary and "the speed of" in summary
     assert report.main([str(tmp_path / "missing")]) == 2
     assert json.loads((tmp_path / "pcm" / "config.json").read_text())["pcm"]["strategy"] == "pcm"
+
+
+def test_wandb_offline_gets_the_same_metric_names(tmp_path, monkeypatch):
+    """wandb offline (no network): every numeric metric of metrics.jsonl is logged under the same name
+    against ``step``, written to the run's offline log under RUN/wandb; a resume continues the same run."""
+    from pcm_train import metrics_log
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    start_wandb = metrics_log._start_wandb
+
+    def spy(*args, **kwargs):
+        run = start_wandb(*args, **kwargs)
+        log = run.log
+        run.log = lambda data, *a, **k: (logged.append(dict(data)), log(data, *a, **k))
+        return run
+
+    monkeypatch.setattr(metrics_log, "_start_wandb", spy)
+    overrides = ("trainer.loggers=[tensorboard,wandb]", "trainer.wandb_mode=offline")
+    trainer = _trainer(tmp_path, *overrides, "trainer.total_steps=1")
+    assert trainer.run()
+    trainer.close()
+    run_id = (trainer.run_dir / "wandb_run_id").read_text()
+    resumed = Trainer(load_config(TINY + [f"resume={trainer.run_dir}", "trainer.total_steps=2", *overrides]),
+                      fake_pool_factory(close_steps=6))
+    assert resumed.run()
+    resumed.close()
+    assert (trainer.run_dir / "wandb_run_id").read_text() == run_id
+    rows = read_metrics(trainer.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [r["step"] for r in rows] == [0, 1]
+    for row, data in zip(rows, logged):
+        numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert numeric == set(data)
+    offline = sorted((trainer.run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(offline) == 2  # one per process, same run id: `wandb sync` merges them
+    assert all(b"actor/pg_clipfrac" in path.read_bytes() for path in offline)
+    assert list((trainer.run_dir / "tensorboard").iterdir())
