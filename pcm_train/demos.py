@@ -49,6 +49,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from pcm_train.cli import run_command
 from pcm_train.config import ConfigError, EnvSection, apply_overrides
 from pcm_train.envs.libero import SUITES, LiberoEnv, list_tasks, num_init_states
 from pcm_train.expert import PHASES, Episode, run_episode
@@ -225,16 +226,11 @@ def success_table(entries: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        return 0
-    try:
-        config = parse_args(argv)
-        entries = generate(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_command(__doc__, _main, argv, interrupted="stopped; run the same command again to resume")
+
+
+def _main(argv: list[str]) -> int:
+    entries = generate(parse_args(argv))
     print(success_table(entries))
     return 0
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from verl import DataProto
 
 import pcm_kernels as pk
+from pcm_train.cli import argument_parser, run_command
 from pcm_train.actor import accumulate_gradients
 from pcm_train.batch import executed_actions, group_ids, shrink_batch
 from pcm_train.config import load_config
@@ -36,7 +37,7 @@ ESTIMATORS = ("biased", "unbiased")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m pcm_train.estimator_variance", description=__doc__.split("\n\n")[0])
+    ap = argument_parser("pcm_train.estimator_variance", __doc__)
     ap.add_argument("--source", choices=("libero", "synthetic"), default="libero")
     ap.add_argument("--draws", type=int, default=100, help="selections per rule and estimator (default 100)")
     ap.add_argument("--budget", type=int, default=12, help="B, chunks kept per trajectory (default 12)")
@@ -171,6 +172,10 @@ def format_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    return run_command(__doc__, _main, argv, own_help=False)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     policy, cfg, batch = (libero_batch if args.source == "libero" else synthetic_batch)(args)
     stats = gradient_statistics(policy, cfg, batch, budget=args.budget, draws=args.draws, seed=args.seed,

@@ -35,7 +35,6 @@ group mixed successes and failures: no knee to find), exits with code 2.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import pcm_kernels as pk  # noqa: E402
+from pcm_train.cli import argument_parser, run_command
 from pcm_train.batch import executed_actions, group_ids  # noqa: E402
 from pcm_train.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.metrics_log import read_metrics  # noqa: E402
@@ -234,27 +234,27 @@ def summary_line(x, y, chunks_per_trajectory: int = 64, budgets=PAPER_BUDGETS) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pcm_train.knee", description=__doc__.split("\n\n")[0])
+    return run_command(__doc__, _main, argv, own_help=False)
+
+
+def _main(argv: list[str]) -> int:
+    ap = argument_parser("pcm_train.knee", __doc__)
     ap.add_argument("input", type=Path, help="a run directory (metrics.jsonl) or a torch.save'd rollout batch")
     ap.add_argument("--out", type=Path, default=None, help="folder for knee.png")
     ap.add_argument("--chunks", type=int, default=64, help="chunks per trajectory the budget is a share of")
     ap.add_argument("--action-token-start", type=int, default=OPENVLA_ACTION_TOKEN_START,
                     help="first action token id of a batch file's vocabulary (OpenVLA: 31744)")
     args = ap.parse_args(argv)
-    try:
-        if args.chunks < 1:
-            raise KneeInputError(f"--chunks must be >= 1, got {args.chunks}")
-        scores = load_chunk_scores(args.input, action_token_start=args.action_token_start)
-        if not bool((scores > 0).any()):
-            raise KneeInputError(f"every chunk score in {args.input} is 0 (no group mixed successes and "
-                                 "failures): no knee to find")
-        x, y = capture_curve(scores)
-        out = args.out or (args.input / "report" if args.input.is_dir() else args.input.parent)
-        out.mkdir(parents=True, exist_ok=True)
-        plot_knee(x, y, out / "knee.png", chunks_per_trajectory=args.chunks)
-    except (OSError, ValueError, KeyError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+    if args.chunks < 1:
+        raise KneeInputError(f"--chunks must be >= 1, got {args.chunks}")
+    scores = load_chunk_scores(args.input, action_token_start=args.action_token_start)
+    if not bool((scores > 0).any()):
+        raise KneeInputError(f"every chunk score in {args.input} is 0 (no group mixed successes and "
+                             "failures): no knee to find")
+    x, y = capture_curve(scores)
+    out = args.out or (args.input / "report" if args.input.is_dir() else args.input.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_knee(x, y, out / "knee.png", chunks_per_trajectory=args.chunks)
     print(summary_line(x, y, args.chunks))
     return 0
 

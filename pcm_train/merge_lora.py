@@ -8,8 +8,8 @@ safetensors shards under the original key names and the other files of the
 base folder: SimpleVLA-RL / OpenVLA-OFT load it like the base checkpoint.
 """
 from __future__ import annotations
+from pcm_train.cli import argument_parser, run_command
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,17 +29,17 @@ def merge(base: Path, adapters: Path, out: Path, dtype: torch.dtype = torch.bflo
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pcm_train.merge_lora", description=__doc__.split("\n\n")[0])
+    return run_command(__doc__, _main, argv, own_help=False)
+
+
+def _main(argv: list[str]) -> int:
+    ap = argument_parser("pcm_train.merge_lora", __doc__)
     ap.add_argument("base", type=Path)
     ap.add_argument("adapters", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = ap.parse_args(argv)
-    try:
-        out = merge(args.base, args.adapters, args.out, getattr(torch, args.dtype))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = merge(args.base, args.adapters, args.out, getattr(torch, args.dtype))
     print(out)
     return 0
 

@@ -10,7 +10,6 @@ step time between rollout and update (Fig. 1 right); plus ``summary.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pcm_train.cli import argument_parser, run_command
 from pcm_train.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.metrics_log import read_metrics  # noqa: E402
 
@@ -156,15 +156,15 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pcm_train.report", description=__doc__.split("\n\n")[0])
+    return run_command(__doc__, _main, argv, own_help=False)
+
+
+def _main(argv: list[str]) -> int:
+    ap = argument_parser("pcm_train.report", __doc__)
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    try:
-        paths = write_report(args.run_dirs, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = write_report(args.run_dirs, args.out)
     print("\n".join(str(p) for p in paths))
     return 0
 

@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from pcm_train.cli import run_command
 from pcm_train.config import ConfigError, load_config
 
 
@@ -68,25 +69,21 @@ def _check_device(name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        cfg = load_config(resolve_overrides(argv))
-        _check_device(cfg.trainer.device)  # before the slow imports below
-        from pcm_train.distributed import init_distributed
-        from pcm_train.trainer import Trainer, make_env_pool
+    return run_command(__doc__, _main, argv)
 
-        dist_info = init_distributed()
-        if cfg.env.camera and dist_info.is_main:
-            from pcm_train.envs.libero import choose_renderer
 
-            choose_renderer()
-        trainer = Trainer(cfg, make_env_pool, dist_info)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    cfg = load_config(resolve_overrides(argv))
+    _check_device(cfg.trainer.device)  # before the slow imports below
+    from pcm_train.distributed import init_distributed
+    from pcm_train.trainer import Trainer, make_env_pool
+
+    dist_info = init_distributed()
+    if cfg.env.camera and dist_info.is_main:
+        from pcm_train.envs.libero import choose_renderer
+
+        choose_renderer()
+    trainer = Trainer(cfg, make_env_pool, dist_info)
     if dist_info.is_main:
         print(f"run directory: {trainer.run_dir.resolve()}", file=sys.stderr)
     try:

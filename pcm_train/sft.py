@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pcm_train.cli import run_command
 from pcm_train.action_tokens import normalized_to_tokens
 from pcm_train.config import OBSERVATIONS, ConfigError, _above, _at_least, _one_of, _within, apply_overrides
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
@@ -279,16 +280,12 @@ def parse_args(argv: list[str]) -> SFTConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        cfg = parse_args(argv)
-        row = train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(__doc__, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
+    row = train(cfg)
     losses = ", ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss") if k in row)
     print(f"final {losses}; policy in {Path(cfg.out).resolve()}")
     return 0

@@ -17,7 +17,6 @@ rewrites the page.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -27,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from pcm_train.cli import run_command
 from pcm_train import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config
 from pcm_train.metrics_log import read_metrics
@@ -206,19 +206,12 @@ def write_page(study: StudyConfig, extra: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        return 0
-    try:
-        study, extra = parse_args(argv)
-        paths = run_study(study, extra)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("study stopped; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_command(__doc__, _main, argv, interrupted="study stopped; run the same command again to resume")
+
+
+def _main(argv: list[str]) -> int:
+    study, extra = parse_args(argv)
+    paths = run_study(study, extra)
     print("\n".join(str(p) for p in paths))
     return 0
 
