@@ -1,10 +1,12 @@
-"""Training configuration: nested dataclasses, command-line overrides, validation.
+"""Training configuration: OmegaConf structured configs over typed dataclass sections.
 
-Every section is a dataclass whose fields carry their types; the override
-parser and the type checks read those annotations, so a new field or section
-needs no parser change. A section may define ``validate(prefix)`` for its
-range rules. The classes also work as OmegaConf structured configs
-(``OmegaConf.structured(PCMTrainConfig)``).
+Each section is a dataclass whose fields carry their types and defaults; OmegaConf merges, in
+order, the defaults, a preset (``pcm_train/configs/<name>.yaml``), a YAML file (``--config``, e.g.
+a run's ``config.yaml``) and ``key=value`` overrides as verl/Hydra users write them, converting
+each value by its field's type. A section may define ``validate(prefix)`` for its range rules;
+``validate`` also checks every field's type strictly (for configs built in Python). Errors are
+``ConfigError`` naming the key: an unknown key with a suggestion, a value of the wrong type with
+the expected one.
 
 Defaults are the paper's runs (PCM.md §7) on the small CPU policy;
 ``preset=paper`` switches to the paper's OpenVLA-OFT setup.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -21,6 +24,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 STRATEGIES = ("full", "random", "top_phase", "pcm")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # verl's agg_loss
@@ -33,45 +40,15 @@ POLICIES = ("small_vla", "openvla_oft")
 OBSERVATIONS = ("image", "state")  # small_vla's observation encoders (docs/state_mode.md)
 NUM_PHASES = 5
 
+# Presets are YAML files shipped in pcm_train/configs/<name>.yaml (the same format as --config files).
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
 # The small VLA behaviour-cloned on scripted LIBERO-Object demonstrations, state mode (shipped with the
 # package; docs/results/README.md says how it was made): its rollouts succeed about half the time.
-SFT_POLICY = str(Path(__file__).resolve().parent / "assets" / "libero_object_state_sft")
-
-_QUICK = (
-    "rollout.prompts_per_step=2",
-    "rollout.group_size=4",
-    "rollout.max_chunks=16",
-    "pcm.budget=4",
-    "trainer.total_steps=4",
-    "trainer.val_every=2",
-    "trainer.save_every=2",
-    "trainer.val_episodes=2",
-    "actor.ppo_mini_batch=1",
-)
-
-# Overrides each preset applies before the command line's own.
-PRESETS: dict[str, tuple[str, ...]] = {
-    # `python -m pcm_train.run` with no preset: minutes on 2 CPU cores, real LIBERO physics, from the
-    # shipped SFT policy (state mode, camera-less envs), so groups mix successes and failures
-    "quick": _QUICK + (
-        f"policy.path={SFT_POLICY}",
-        "policy.observation=state",
-        "env.camera=false",
-        "policy.lora_r=0",
-        "actor.lr=1e-4",
-    ),
-    # the same from a fresh image-mode policy rendering LIBERO (it rarely succeeds: advantages are 0)
-    "quick_image": _QUICK + (
-        "policy.lora_r=8",
-        "policy.lora_alpha=8",
-        "actor.lr=1e-4",
-    ),
-    "paper": (
-        "policy.name=openvla_oft",
-        "policy.dtype=bfloat16",
-        "trainer.device=cuda",
-    ),
-}
+# In YAML: ${pcm_asset:libero_object_state_sft}.
+SFT_POLICY = str(ASSET_DIR / "libero_object_state_sft")
+OmegaConf.register_new_resolver("pcm_asset", lambda name: str(ASSET_DIR / name), replace=True)
 
 
 class ConfigError(ValueError):
@@ -268,31 +245,56 @@ class PCMTrainConfig:
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint
 
 
-def load_config(overrides: list[str] | None = None) -> PCMTrainConfig:
-    """Defaults, then the preset named by ``preset=...`` (if any), then the overrides in order.
+def load_config(overrides: list[str] | None = None, config_file: str | os.PathLike | None = None) -> PCMTrainConfig:
+    """Defaults, then the preset (``preset=...`` among the overrides, else the file's ``preset``), then
+    ``config_file`` (a YAML file such as a run's ``config.yaml``), then the overrides in order.
 
-    overrides: ``"key=value"`` strings, e.g. ``"pcm.budget=8"``, ``"actor.betas=[0.9,0.95]"``,
-    ``"policy.path=null"``, ``"preset=paper"``. Raises ConfigError.
+    overrides: ``"key=value"`` strings as verl/Hydra take them, e.g. ``"pcm.budget=8"``,
+    ``"actor.betas=[0.9,0.95]"``, ``"policy.path=null"``, ``"preset=paper"``. Raises ConfigError.
     """
-    overrides = list(overrides or [])
-    config = PCMTrainConfig()
-    apply_overrides(config, [override for override in overrides if _split_override(override)[0] == "preset"])
-    if config.preset is not None:
-        _one_of("preset", config.preset, tuple(PRESETS))
-        apply_overrides(config, PRESETS[config.preset])
-    apply_overrides(config, overrides)
+    pairs = [_split_override(override) for override in overrides or []]
+    file_layer = _load_yaml(config_file) if config_file is not None else OmegaConf.create()
+    presets = [value for key, value in pairs if key == "preset"]
+    preset = _yaml_value(presets[-1]) if presets else file_layer.get("preset")
+    layers = []
+    if preset is not None:
+        _one_of("preset", preset, PRESETS)
+        layers.append((f"preset {preset}", _load_yaml(PRESET_DIR / f"{preset}.yaml")))
+    if config_file is not None:
+        layers.append((str(config_file), file_layer))
+    config = _merged(PCMTrainConfig(), layers, pairs)
     validate(config)
     return config
 
 
 def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> None:
-    """Sets each ``"a.b=value"`` in place, parsed by the annotated type of field ``b`` of section ``a``.
+    """Sets each ``"a.b=value"`` in place (OmegaConf parses the value by the field's annotated type).
 
     Works on any dataclass tree, so new sections and fields need no change here.
-    Raises ConfigError for a malformed override, an unknown key or an unparsable value.
+    Raises ConfigError for a malformed override, an unknown key or an unusable value.
     """
-    for override in overrides:
-        _set(config, *_split_override(override))
+    merged = _merged(config, [], [_split_override(override) for override in overrides])
+    for item in dataclasses.fields(config):
+        setattr(config, item.name, getattr(merged, item.name))
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The preset ``name`` as ``key=value`` strings (for display), e.g. ``["policy.observation=state", ...]``."""
+    _one_of("preset", name, PRESETS)
+
+    def flat(prefix: str, node) -> list[str]:
+        if isinstance(node, dict):
+            return [item for key, value in node.items() for item in flat(f"{prefix}{key}.", value)]
+        return [f"{prefix[:-1]}={node}"]
+
+    return flat("", OmegaConf.to_container(_load_yaml(PRESET_DIR / f"{name}.yaml"), resolve=True))
+
+
+def save_config(config: PCMTrainConfig, path: str | os.PathLike) -> None:
+    """Writes ``config`` as YAML that ``--config`` (``load_config(config_file=...)``) reads back."""
+    from pcm_train.checkpoint import write_atomically
+
+    write_atomically(Path(path), OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
 def validate(config: PCMTrainConfig) -> None:
@@ -339,25 +341,93 @@ def _all_keys(config: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _set(config: Any, key: str, text: str) -> None:
-    """Parses ``text`` by the type of the field at dotted ``key`` and sets it. Raises ConfigError."""
-    *sections, name = key.split(".")
-    target = config
-    for section in sections:
-        target = getattr(target, section, None) if dataclasses.is_dataclass(target) else None
-    if not dataclasses.is_dataclass(target) or name not in typing.get_type_hints(type(target)):
-        raise ConfigError(f"unknown config key {key!r}{_suggestion(config, key)}")
-    expected = typing.get_type_hints(type(target))[name]
-    if dataclasses.is_dataclass(expected):
-        raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(expected)[0].name}=...")
-    setattr(target, name, _parse(key, expected, text))
-
-
 def _split_override(override: str) -> tuple[str, str]:
     key, equals, value = override.partition("=")
     if not equals or not key.strip():
         raise ConfigError(f"override {override!r} must look like key=value or section.key=value")
     return key.strip(), value.strip()
+
+
+def _yaml_value(text: str) -> str:
+    """An override's value as YAML: ``None`` means null, ``(a, b)`` a list, nothing the empty string."""
+    if text in ("None", "none"):
+        return "null"
+    if text.startswith("(") and text.endswith(")"):
+        return "[" + text[1:-1] + "]"
+    return text if text else "''"
+
+
+def _load_yaml(path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (pcm:, actor:, ...)")
+    return loaded
+
+
+def _merged(config: Any, layers: list[tuple[str, DictConfig]], pairs: list[tuple[str, str]]) -> Any:
+    """``config`` (a dataclass instance) with the YAML ``layers`` and the ``(key, value)`` overrides
+    merged in order by OmegaConf; a new instance, tuples restored. Raises ConfigError naming the key."""
+    merged = OmegaConf.structured(config)
+    for source, layer in layers:
+        merged = _merge_one(config, merged, layer, source, None)
+    for key, value in pairs:
+        layer = OmegaConf.from_dotlist([f"{key}={_yaml_value(value)}"])
+        merged = _merge_one(config, merged, layer, f"{key}={value}", key)
+    try:
+        return _restore_tuples(OmegaConf.to_object(merged))
+    except OmegaConfBaseException as error:  # e.g. an interpolation that does not resolve
+        raise ConfigError(f"{error.full_key}: {error.msg.splitlines()[0]}") from None
+
+
+def _merge_one(config: Any, merged: DictConfig, layer: DictConfig, source: str, key: str | None) -> DictConfig:
+    try:
+        return OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_merge_message(config, error, source, key)) from None
+
+
+def _merge_message(config: Any, error: OmegaConfBaseException, source: str, key: str | None) -> str:
+    """Today's messages for OmegaConf's merge errors: unknown key (with a suggestion), a section set to a
+    value, a value of the wrong type (naming the expected one)."""
+    full_key = error.full_key or ""
+    where = "" if key is not None else f" (in {source})"
+    key = key or full_key
+    expected = _field_type(type(config), key)
+    if isinstance(error, ConfigKeyError) or (expected is None and full_key != key):
+        return f"unknown config key {key!r}{_suggestion(config, key)}{where}"
+    if dataclasses.is_dataclass(expected):
+        return f"{key} is a section; set its keys, e.g. {key}.{dataclasses.fields(expected)[0].name}=...{where}"
+    if expected is None:
+        return f"unknown config key {key!r}{_suggestion(config, key)}{where}"
+    value = source.partition("=")[2] if "=" in source and not where else error.msg.splitlines()[0]
+    return f"{key} expects {_type_name(expected)}, got {value!r}{where}"
+
+
+def _field_type(cls: type, key: str) -> Any | None:
+    """The annotated type of the field at dotted ``key`` (``actor.betas[1]`` counts as ``actor.betas``)."""
+    target = cls
+    for name in re.sub(r"\[\d+\]$", "", key).split("."):
+        hints = typing.get_type_hints(target) if dataclasses.is_dataclass(target) else {}
+        if name not in hints:
+            return None
+        target = hints[name]
+    return target
+
+
+def _restore_tuples(config: Any) -> Any:
+    """OmegaConf hands tuple fields back as lists: turn them into tuples again (in place)."""
+    for name, expected in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if dataclasses.is_dataclass(value):
+            _restore_tuples(value)
+        elif typing.get_origin(expected) is tuple and isinstance(value, list):
+            setattr(config, name, tuple(value))
+    return config
 
 
 def _suggestion(config: Any, key: str) -> str:
@@ -401,34 +471,6 @@ def _type_name(expected: Any, plural: bool = False) -> str:
     if plural:
         return noun + "s"
     return ("an " if noun[0] in "aeiou" else "a ") + noun
-
-
-def _parse(key: str, expected: Any, text: str) -> Any:
-    """Converts override text to a value of type ``expected``; ConfigError naming ``key`` if it cannot."""
-    try:
-        return _convert(expected, text)
-    except (ValueError, KeyError):
-        raise ConfigError(f"{key} expects {_type_name(expected)}, got {text!r}") from None
-
-
-def _convert(expected: Any, text: str) -> Any:
-    inner = _optional_inner(expected)
-    if inner is not None:
-        return None if text.lower() in ("none", "null", "~") else _convert(inner, text)
-    if _is_sequence(expected):
-        items = [item.strip() for item in text.strip("[]() ").split(",") if item.strip()]
-        item_types = _item_types(expected, len(items))
-        if item_types is None:
-            raise ValueError(text)
-        return typing.get_origin(expected)(map(_convert, item_types, items))
-    if expected is bool:
-        return {"true": True, "false": False}[text.lower()]
-    if expected is str:
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        return text[1:-1] if quoted else text
-    if expected in (int, float):
-        return expected(text)
-    raise TypeError(f"command-line overrides do not support fields of type {expected}")
 
 
 def _matches(expected: Any, value: Any) -> bool:

@@ -62,7 +62,7 @@ def libero_batch(args):
     from pcm_train.study import INIT_POLICY, STUDY_SETTINGS
     from pcm_train.trainer import NUM_INIT_STATES, make_env_pool
 
-    cfg = load_config(["preset=null", *STUDY_SETTINGS, f"policy.path={INIT_POLICY}",
+    cfg = load_config([*STUDY_SETTINGS, f"policy.path={INIT_POLICY}",
                        f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
                        "actor.ppo_mini_batch=1", f"trainer.seed={args.seed}",
                        f"actor.micro_batch_trajectories={args.prompts * args.group_size}"])

@@ -1,6 +1,6 @@
 """Train a VLA policy with GRPO (+ PCM) on LIBERO.
 
-    python -m pcm_train.run [key=value ...]
+    python -m pcm_train.run [--config my.yaml] [key=value ...]
 
 With no arguments it runs the built-in default (``preset=quick``): LIBERO-Object,
 the small VLA, a few short steps that fit a 2-core CPU machine. ``preset=paper``
@@ -8,6 +8,9 @@ is the paper's configuration (OpenVLA-OFT on GPUs). Any config key can be set,
 e.g. ``pcm.strategy=full pcm.budget=8 trainer.total_steps=20
 trainer.output_dir=runs/full``. ``resume=RUN_DIR`` continues a run from its last
 checkpoint (its saved config, then your overrides). Ctrl-C saves and exits.
+``--config FILE`` reads a YAML file of sections (``pcm:``, ``actor:``, ``rollout:``, ...; the
+presets in ``pcm_train/configs/`` and every run's ``config.yaml`` are such files), then the
+overrides on top, as in verl.
 
 Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
 rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
@@ -39,8 +42,9 @@ def _flatten(prefix: str, value) -> list[str]:
     return [f"{prefix[:-1]}={text}"]
 
 
-def resolve_overrides(argv: list[str]) -> list[str]:
-    """The user's overrides, after the saved config of ``resume=DIR`` or the default preset."""
+def resolve_overrides(argv: list[str], config_file: str | None = None) -> list[str]:
+    """The user's overrides, after the saved config of ``resume=DIR`` or the default preset (none
+    with a ``--config`` file: the file names its preset, if any)."""
     keys = [a.partition("=")[0].strip() for a in argv]
     if "resume" in keys:
         run_dir = Path(argv[keys.index("resume")].partition("=")[2].strip())
@@ -58,7 +62,23 @@ def resolve_overrides(argv: list[str]) -> list[str]:
         preset = config.pop("preset", None)
         base = [f"preset={'null' if preset is None else preset}"] + _flatten("", config)
         return base + argv
-    return argv if "preset" in keys else ["preset=quick"] + argv
+    return argv if "preset" in keys or config_file is not None else ["preset=quick"] + argv
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(``--config FILE`` or ``--config=FILE``, the other arguments)."""
+    config_file, rest = None, []
+    items = iter(argv)
+    for arg in items:
+        if arg == "--config":
+            config_file = next(items, None)
+            if config_file is None:
+                raise ConfigError("--config needs a YAML file: --config my.yaml")
+        elif arg.startswith("--config="):
+            config_file = arg.partition("=")[2]
+        else:
+            rest.append(arg)
+    return config_file, rest
 
 
 def _check_device(name: str) -> None:
@@ -73,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    cfg = load_config(resolve_overrides(argv))
+    config_file, argv = split_config_file(argv)
+    cfg = load_config(resolve_overrides(argv, config_file), config_file=config_file)
     _check_device(cfg.trainer.device)  # before the slow imports below
     from pcm_train.distributed import init_distributed
     from pcm_train.trainer import Trainer, make_env_pool

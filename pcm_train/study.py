@@ -5,7 +5,8 @@
 
 Every variant trains from the same SFT policy (``init``, by default the committed
 ``docs/results/init_policy``) with the same rollout, optimizer and
-validation settings (``STUDY_SETTINGS``, then any trainer ``section.key=value`` given here);
+validation settings (``preset=study``: ``pcm_train/configs/study.yaml``, then any trainer
+``section.key=value`` given here);
 only the chunk selection differs (``VARIANTS``). Each (variant, seed) is a run directory
 ``runs/<variant>/seed<k>``: a finished run is skipped, an interrupted one resumes from its last
 checkpoint, so invocations accumulate; raising ``trainer.total_steps`` extends finished runs.
@@ -28,7 +29,7 @@ from typing import Optional
 
 from pcm_train.cli import run_command
 from pcm_train import study_report
-from pcm_train.config import ConfigError, apply_overrides, load_config
+from pcm_train.config import ConfigError, apply_overrides, load_config, preset_overrides
 from pcm_train.metrics_log import read_metrics
 
 # The committed SFT starting point (docs/results/README.md says how it was made).
@@ -46,21 +47,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "frozen": ("pcm.strategy=full", "actor.lr=0"),
 }
 
-# Shared by every run: state mode on camera-less LIBERO-Object, sized for ~10 min per run on 2 cores.
-STUDY_SETTINGS: tuple[str, ...] = (
-    "policy.observation=state",
-    "env.camera=false",
-    "policy.lora_r=0",  # the small policy trains all its weights
-    "rollout.prompts_per_step=4",
-    "rollout.group_size=4",
-    "rollout.max_chunks=35",  # 280 env steps: LIBERO-Object's usual evaluation cap
-    "actor.lr=5e-5",
-    "actor.ppo_mini_batch=4",  # one optimizer step per batch: the update the archived runs in docs/results used
-    "trainer.total_steps=20",
-    "trainer.val_every=10",
-    "trainer.val_episodes=20",
-    "trainer.save_every=1",
-)
+# Shared by every run: the preset pcm_train/configs/study.yaml, as overrides (shown on the results page).
+STUDY_SETTINGS: tuple[str, ...] = ("preset=study",)
 
 
 @dataclass
@@ -102,7 +90,7 @@ def parse_args(argv: list[str]) -> tuple[StudyConfig, list[str]]:
 def run_overrides(study: StudyConfig, variant: str, seed: int, extra: list[str]) -> list[str]:
     """The trainer overrides of one run: study settings, the variant, seed, output dir, then ``extra``."""
     init = [f"policy.path={Path(study.init).resolve()}"] if study.init else []
-    return ["preset=null", *STUDY_SETTINGS, *init, *VARIANTS[variant], f"trainer.seed={seed}",
+    return [*STUDY_SETTINGS, *init, *VARIANTS[variant], f"trainer.seed={seed}",
             f"trainer.output_dir={run_dir(study, variant, seed)}", *extra]
 
 
@@ -174,7 +162,7 @@ def setup_facts(study: StudyConfig, extra: list[str]) -> dict:
         cpu = names[0] if names else cpu
     return {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                         "system": platform.platform()},
-            "versions": versions, "study": asdict(study), "settings": list(STUDY_SETTINGS) + extra,
+            "versions": versions, "study": asdict(study), "settings": preset_overrides("study") + extra,
             "variants": {name: list(overrides) for name, overrides in VARIANTS.items()}}
 
 

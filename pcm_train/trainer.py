@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pcm_train import checkpoint as ckpt
 from pcm_train import run_dir
 from pcm_train.actor import make_optimizer, update_actor
-from pcm_train.config import PCMTrainConfig, config_to_dict
+from pcm_train.config import PCMTrainConfig, config_to_dict, save_config
 from pcm_train.controller import PCMController
 from pcm_train.distributed import DistInfo, broadcast_batch, broadcast_object
 from pcm_train.grpo import grpo_advantages, token_mask
@@ -153,6 +153,7 @@ class Trainer:
                              wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
         metrics.truncate_after(self.step - 1)
         ckpt.write_atomically(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
+        save_config(self.cfg, self.run_dir / "config.yaml")  # --config RUN/config.yaml repeats the run
         return metrics
 
     def _build_policy(self, resume_from):

@@ -5,7 +5,8 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from pcm_train.config import ConfigError, PCMTrainConfig, apply_overrides, config_to_dict, load_config, validate
+from pcm_train.config import (PRESETS, SFT_POLICY, ConfigError, PCMTrainConfig, apply_overrides, config_to_dict,
+                              load_config, preset_overrides, save_config, validate)
 
 PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "preset": None,
@@ -101,7 +102,7 @@ def test_unknown_keys_suggest_the_right_one():
         ("pcm.budget=abc", "pcm.budget expects an int, got 'abc'"),
         ("pcm.budget=1.5", "pcm.budget expects an int"),
         ("actor.lr=fast", "actor.lr expects a float"),
-        ("actor.gradient_checkpointing=yes", "actor.gradient_checkpointing expects a bool"),
+        ("actor.gradient_checkpointing=maybe", "actor.gradient_checkpointing expects a bool"),
         ("actor.betas=[0.9]", "actor.betas expects a list of 2 floats"),
         ("actor.betas=[0.9,x]", "actor.betas expects a list of 2 floats"),
         ("actor.clip_ratio_c=high", "actor.clip_ratio_c expects a float or null"),
@@ -250,3 +251,50 @@ def test_new_sections_need_no_parser_change():
         apply_overrides(config, ["env.max_steps=many"])
     with pytest.raises(ConfigError, match="'env.suit'.*'env.suite'"):
         apply_overrides(config, ["env.suit=x"])
+
+
+def test_yaml_config_file_then_overrides(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("preset: quick\npcm:\n  strategy: random\n  budget: 6\nactor: {lr: 2.0e-5, betas: [0.8, 0.9]}\n")
+    config = load_config(["pcm.budget=5"], config_file=path)
+    assert (config.preset, config.pcm.strategy, config.pcm.budget) == ("quick", "random", 5)  # override wins
+    assert config.actor.lr == 2e-5 and config.actor.betas == (0.8, 0.9)
+    assert config.rollout.prompts_per_step == 2  # from the file's preset
+    assert config.policy.path == SFT_POLICY  # the preset's ${pcm_asset:...} resolved
+
+
+def test_saved_config_yaml_loads_back_identically(tmp_path):
+    config = load_config(["preset=quick", "pcm.budget=3", "actor.betas=[0.8,0.95]", "env.task_ids=[1,2]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(config_file=tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pcm:\n  budgte: 3\n", r"unknown config key 'pcm\.budgte'.*'pcm\.budget'.*\(in .*bad\.yaml\)"),
+    ("pcm:\n  budget: many\n", r"pcm\.budget expects an int.*\(in .*bad\.yaml\)"),
+    ("pcm: [1, 2\n", r"bad\.yaml is not valid YAML"),
+    ("- 1\n- 2\n", r"bad\.yaml must hold a mapping"),
+    ("preset: fast\n", r"preset must be one of"),
+])
+def test_bad_config_files_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file=path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(config_file=tmp_path / "missing.yaml")
+
+
+def test_presets_are_yaml_files():
+    assert set(PRESETS) >= {"quick", "quick_image", "paper", "study"}
+    assert "policy.observation=state" in preset_overrides("study")
+    assert load_config(["preset=study"]).actor.ppo_mini_batch == 4
+
+
+def test_cli_config_flag():
+    from pcm_train.run import split_config_file
+
+    assert split_config_file(["--config", "a.yaml", "pcm.budget=3"]) == ("a.yaml", ["pcm.budget=3"])
+    assert split_config_file(["--config=b.yaml"]) == ("b.yaml", [])
+    with pytest.raises(ConfigError, match="--config needs a YAML file"):
+        split_config_file(["--config"])
