@@ -48,7 +48,8 @@ def test_random_torch_matches_loop(dtype, gen):
     assert torch.equal(pk.label_phases(gripper, steps), naive.label_phases(gripper, steps, **RULES))
 
 
-@pytest.mark.parametrize("rules", [RULES, dict(close_above=0.3, sustain=0.5, grip=0.6, low=0.2, window=1),
+# low <= grip <= sustain is required (as the trainer config); grip == sustain is the boundary
+@pytest.mark.parametrize("rules", [RULES, dict(close_above=0.3, sustain=0.6, grip=0.6, low=0.2, window=1),
                                    dict(close_above=-0.5, sustain=0.9, grip=0.3, low=0.0, window=0)])
 def test_triton_matches_torch_random(rules, gen, use_backend):
     N, C, L = 5, 24, 8

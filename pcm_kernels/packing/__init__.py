@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .._backend import resolve_backend
-from .._checks import check_same_device, check_shape, check_tensor
+from .._checks import check_int, check_same_device, check_shape, check_tensor
 from . import vectorized
 
 
@@ -69,9 +69,20 @@ def plan_chunks(index: torch.Tensor, num_chunks: int, chunk_len: int,
                 seqlens: Optional[torch.Tensor] = None) -> PackedChunks:
     """Packing layout (no values) for ``index`` [N, B] over chunks of ``chunk_len`` tokens.
 
-    One host synchronization (for T and max_seqlen, which allocation and flash-attention need).
+    Args:
+        index: int [N, B] chunk ids per trajectory, each -1 (none) or in ``[0, num_chunks)``,
+            no id twice in a row.
+        num_chunks: int >= 0, the dense ``C``.
+        chunk_len: int >= 0, the dense ``S`` (tokens per chunk).
+        seqlens: int [N, C] valid leading tokens per chunk, in ``[0, S]`` (default S), on
+            ``index``'s device.
+
+    One host synchronization (for T and max_seqlen, which allocation and flash-attention need);
+    the range checks of ``index`` and ``seqlens`` share it.
     """
     check_tensor("index", index, ndim=2, integer=True)
+    num_chunks = check_int("num_chunks", num_chunks, minimum=0)
+    chunk_len = check_int("chunk_len", chunk_len, minimum=0)
     N = index.shape[0]
     device = index.device
     if seqlens is not None:
@@ -181,9 +192,10 @@ def gather_chunks(x: torch.Tensor, index: torch.Tensor, seqlens: Optional[torch.
     """Pack the chunks named in ``index`` (their first ``seqlens`` tokens) back to back.
 
     Args:
-        x: [N, C, S, *F] any dtype, contiguous or not.
-        index: int [N, B] chunk ids per trajectory (as ``sample_chunks`` returns), -1 = none.
-        seqlens: int [N, C] valid leading tokens per chunk, in [0, S] (default S).
+        x: [N, C, S, *F] any dtype, contiguous or not (values are data: NaN/inf are copied).
+        index: int [N, B] chunk ids per trajectory (as ``sample_chunks`` returns), -1 = none,
+            else in ``[0, C)``, no id twice in a row; on ``x``'s device.
+        seqlens: int [N, C] valid leading tokens per chunk, in [0, S] (default S); on ``x``'s device.
 
     Returns:
         ``PackedChunks`` with ``values`` [T, *F] (differentiable in ``x``: the backward
@@ -194,6 +206,8 @@ def gather_chunks(x: torch.Tensor, index: torch.Tensor, seqlens: Optional[torch.
     check_tensor("index", index, ndim=2, integer=True)
     if index.shape[0] != N:
         raise ValueError(f"index must have shape [N, B] with N = {N} (x is {tuple(x.shape)}), got {tuple(index.shape)}")
+    if seqlens is not None:
+        check_tensor("seqlens", seqlens, ndim=2, integer=True)
     check_same_device(x=x, index=index, seqlens=seqlens)
     layout = plan_chunks(index, C, S, seqlens)
     layout.values = _GatherChunks.apply(x, layout)
