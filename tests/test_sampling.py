@@ -419,3 +419,12 @@ def test_sampling_bad_input():
         pk.sample_chunks(w, 2, return_weights=1)
     with pytest.raises(TypeError, match="return_weights"):
         pk.select_chunks(g, None, [1.0] * 5, 2, return_weights="yes")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_weights_below_float32_range_are_never_drawn(backend, use_backend):
+    """Both backends race in float32: a float64 weight that rounds to 0 there is not eligible."""
+    use_backend(backend)
+    weights = torch.tensor([[1e-300, 1.0, 0.5, 1e-300]], dtype=torch.float64)
+    index, ht = pk.sample_chunks(weights, 3, generator=torch.Generator().manual_seed(0), return_weights=True)
+    assert index.tolist() == [[1, 2, -1]] and ht.tolist() == [[1.0, 1.0, 0.0]]

@@ -64,19 +64,22 @@ def label_phases(gripper, num_steps, close_above, sustain, grip, low, window) ->
 
 
 def phase_scores(actions, labels, success, group, num_phases):
-    """(float32 [P], bool [P]) with one scatter-add over (group, outcome, phase) cells."""
+    """(float32 [P], bool [P]) with one scatter-add over (group, outcome, phase) cells.
+
+    One host synchronization on CUDA (``torch.unique`` sizes its output); padding chunks go to a
+    spare cell instead of being filtered out (a boolean index would synchronize)."""
     N, C, F = actions.shape
-    _, group_idx = torch.unique(group, return_inverse=True)
-    num_groups = int(group_idx.max()) + 1 if N else 0
-    valid = labels >= 0
-    cell = ((group_idx.view(N, 1) * 2 + success.view(N, 1).long()) * num_phases + labels.long()).clamp(min=0)
+    uniques, group_idx = torch.unique(group, return_inverse=True)
+    num_groups = uniques.numel()
     cells = num_groups * 2 * num_phases
-    sums = torch.zeros(cells, F, dtype=torch.float64, device=actions.device)
-    counts = torch.zeros(cells, dtype=torch.float64, device=actions.device)
-    sums.index_add_(0, cell[valid], actions[valid].to(torch.float64))
-    counts.index_add_(0, cell[valid], torch.ones_like(cell[valid], dtype=torch.float64))
-    sums = sums.view(num_groups, 2, num_phases, F)
-    counts = counts.view(num_groups, 2, num_phases)
+    cell = (group_idx.view(N, 1) * 2 + success.view(N, 1).long()) * num_phases + labels.long()
+    cell = torch.where(labels >= 0, cell, cells).flatten()  # cell `cells` collects the padding
+    sums = torch.zeros(cells + 1, F, dtype=torch.float64, device=actions.device)
+    counts = torch.zeros(cells + 1, dtype=torch.float64, device=actions.device)
+    sums.index_add_(0, cell, actions.reshape(N * C, F).to(torch.float64))
+    counts.index_add_(0, cell, torch.ones(N * C, dtype=torch.float64, device=actions.device))
+    sums = sums[:cells].view(num_groups, 2, num_phases, F)
+    counts = counts[:cells].view(num_groups, 2, num_phases)
     means = sums / counts.clamp(min=1).unsqueeze(-1)
     per_group = (means[:, 1] - means[:, 0]).norm(dim=-1)
     defined_in_group = (counts > 0).all(1)

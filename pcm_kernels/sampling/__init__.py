@@ -102,7 +102,8 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
         ht = torch.empty(N, budget, dtype=torch.float32, device=weights.device) if return_weights else None
         return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out, ht)
-    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
+    # eligibility on the float32 weights the race uses (as the kernel): a float64 1e-300 is 0 there
+    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights.to(torch.float32) > 0)
     uniforms = torch.rand(N, C, generator=generator, device=weights.device)
     if return_weights:
         return vectorized.sample_with_weights(weights, eligible, budget, uniforms)
