@@ -1,7 +1,8 @@
 """pcm_kernels against the code a user would otherwise write, at the paper's shapes.
 
 N = 80 trajectories, C = 64 chunks, L = 8 steps, D = 7, B = 12. Gather/scatter:
-S = 300 tokens per chunk, hidden 4096 bf16 on a GPU; hidden 256 fp32 on the CPU.
+S = 300 tokens per chunk; the CPU groups use hidden 256 fp32 on every machine (a CUDA machine
+runs them too), the GPU groups hidden 4096 bf16 with their inputs created on the device.
 """
 import os
 
@@ -14,18 +15,25 @@ from pcm_kernels.phases import naive as label_naive
 from conftest import CUDA, DEVICE, needs_cuda, synced
 
 N, C, L, B = 80, 64, 8, 12
-S, HIDDEN = 300, (4096 if CUDA else 256)
+S = 300
+CPU_HIDDEN, GPU_HIDDEN = 256, 4096  # per device group, not per machine: CPU groups keep CPU sizes
+
+
+def _gen(device):
+    """A seeded generator on ``device``: inputs are drawn where they are used (no host randn + copy)."""
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def _gripper(device=DEVICE):
-    gen = torch.Generator().manual_seed(0)
-    phase = torch.rand(N, 1, generator=gen) * C * L
-    t = torch.arange(C * L).view(1, -1)
+    device = torch.device(device)
+    gen = _gen(device)
+    phase = torch.rand(N, 1, generator=gen, device=device) * C * L
+    t = torch.arange(C * L, device=device).view(1, -1)
     closed = (t > phase) & (t < phase + 120)
-    flips = torch.rand(N, C * L, generator=gen) < 0.03
+    flips = torch.rand(N, C * L, generator=gen, device=device) < 0.03
     g = torch.where(closed ^ flips, 1.0, -1.0).view(N, C, L)
-    steps = torch.randint(C * L // 2, C * L + 1, (N,), generator=gen)
-    return g.to(device), steps.to(device)
+    steps = torch.randint(C * L // 2, C * L + 1, (N,), generator=gen, device=device)
+    return g, steps
 
 
 def _labels_per_trajectory(gripper, steps):
@@ -68,7 +76,8 @@ def _exponential_race(weights, budget, gen):
 
 
 def _weights(device):
-    return torch.rand(N, C, generator=torch.Generator().manual_seed(1)).to(device) + 0.01
+    device = torch.device(device)
+    return torch.rand(N, C, generator=torch.Generator(device=device).manual_seed(1), device=device) + 0.01
 
 
 @pytest.mark.benchmark(group="sample_chunks 80x64 B=12 (CPU)")
@@ -104,40 +113,43 @@ def _pad_input(values, flat, shape):
     return out.view(shape)
 
 
-def _gather_inputs(device, dtype):
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(N, C, S, HIDDEN, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-    index = pk.sample_chunks(_weights("cpu"), B, generator=gen).to(device)
-    seqlens = torch.randint(S // 2, S + 1, (N, C), generator=gen).to(device)
+def _gather_inputs(device, dtype, hidden):
+    """x [N, C, S, hidden] of ``dtype`` drawn on ``device`` (a GPU's 12.6 GB bf16 tensor never
+    passes through the host), the kept index and seqlens."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(N, C, S, hidden, generator=gen, dtype=dtype, device=device)
+    index = pk.sample_chunks(_weights(device), B, generator=gen)
+    seqlens = torch.randint(S // 2, S + 1, (N, C), generator=gen, device=device)
     return x, index, seqlens
 
 
 @pytest.fixture(scope="module")
 def cpu_gather_inputs():
-    return _gather_inputs("cpu", torch.float32)
+    return _gather_inputs("cpu", torch.float32, CPU_HIDDEN)
 
 
-@pytest.mark.benchmark(group=f"gather 80x64x{S}x{HIDDEN} B=12 (CPU)")
+@pytest.mark.benchmark(group=f"gather 80x64x{S}x{CPU_HIDDEN} B=12 (CPU)")
 def test_gather_unpad_baseline(benchmark, cpu_gather_inputs):
     benchmark.extra_info["role"] = "baseline"
     benchmark(_unpad_input, *cpu_gather_inputs)
 
 
-@pytest.mark.benchmark(group=f"gather 80x64x{S}x{HIDDEN} B=12 (CPU)")
+@pytest.mark.benchmark(group=f"gather 80x64x{S}x{CPU_HIDDEN} B=12 (CPU)")
 def test_gather_torch(benchmark, cpu_gather_inputs, monkeypatch):
     monkeypatch.setenv("PCM_KERNELS_BACKEND", "torch")
     packed = benchmark(pk.gather_chunks, *cpu_gather_inputs)
     assert torch.equal(packed.values, _unpad_input(*cpu_gather_inputs)[0])
 
 
-@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{HIDDEN} B=12 (CPU)")
+@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{CPU_HIDDEN} B=12 (CPU)")
 def test_scatter_pad_baseline(benchmark, cpu_gather_inputs):
     values, flat = _unpad_input(*cpu_gather_inputs)
     benchmark.extra_info["role"] = "baseline"
     benchmark(_pad_input, values, flat, cpu_gather_inputs[0].shape)
 
 
-@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{HIDDEN} B=12 (CPU)")
+@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{CPU_HIDDEN} B=12 (CPU)")
 def test_scatter_torch(benchmark, cpu_gather_inputs, monkeypatch):
     monkeypatch.setenv("PCM_KERNELS_BACKEND", "torch")
     packed = pk.gather_chunks(*cpu_gather_inputs)
@@ -192,11 +204,13 @@ def test_gpu_sample_triton(benchmark):
 
 @pytest.fixture(scope="module")
 def gpu_gather_inputs():
-    return _gather_inputs(DEVICE, torch.bfloat16)
+    if not CUDA:
+        pytest.skip("GPU inputs")
+    return _gather_inputs(DEVICE, torch.bfloat16, GPU_HIDDEN)
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"gather 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"gather 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_copy_bandwidth_baseline(benchmark, gpu_gather_inputs):
     """Device-to-device copy of the same bytes the gather moves: the bandwidth ceiling."""
     packed = pk.gather_chunks(*gpu_gather_inputs)
@@ -207,20 +221,20 @@ def test_gpu_copy_bandwidth_baseline(benchmark, gpu_gather_inputs):
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"gather 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"gather 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_gather_triton(benchmark, gpu_gather_inputs):
     layout = pk.plan_chunks(gpu_gather_inputs[1], C, S, gpu_gather_inputs[2])
     benchmark(synced(layout.gather), gpu_gather_inputs[0])
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"gather 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"gather 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_gather_unpad(benchmark, gpu_gather_inputs):
     benchmark(synced(_unpad_input), *gpu_gather_inputs)
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"scatter 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_scatter_copy_bandwidth_baseline(benchmark, gpu_gather_inputs):
     dense = torch.empty_like(gpu_gather_inputs[0])
     benchmark.extra_info["role"] = "baseline"
@@ -228,14 +242,14 @@ def test_gpu_scatter_copy_bandwidth_baseline(benchmark, gpu_gather_inputs):
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"scatter 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_scatter_triton(benchmark, gpu_gather_inputs):
     packed = pk.gather_chunks(*gpu_gather_inputs)
     benchmark(synced(pk.scatter_chunks), packed.values, packed)
 
 
 @needs_cuda
-@pytest.mark.benchmark(group=f"scatter 80x64x{S}x4096 bf16 B=12 (GPU)")
+@pytest.mark.benchmark(group=f"scatter 80x64x{S}x{GPU_HIDDEN} bf16 B=12 (GPU)")
 def test_gpu_scatter_pad(benchmark, gpu_gather_inputs):
     values, flat = _unpad_input(*gpu_gather_inputs)
     benchmark(synced(_pad_input), values, flat, gpu_gather_inputs[0].shape)

@@ -9,11 +9,10 @@ in ``extra_info`` and the ratios are printed at the end of the run.
 import copy
 
 import pytest
-import torch
 
-from pcm_train.actor import make_optimizer, update_actor
-from pcm_train.compare_update import _kept_batches, _policy, parse_args
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.algorithm.actor import make_optimizer, update_actor
+from pcm_train.tools.compare_update import _kept_batches, _policy, parse_args
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 from conftest import CUDA
 
@@ -28,7 +27,7 @@ def setup():
     policy = _policy(args)
     batch = synthetic_rollout_batch(policy, num_prompts=args.num_prompts, group_size=args.group_size,
                                     num_chunks=args.chunks, seed=args.seed)
-    cfg, kept, _ = _kept_batches(policy, batch, args)
+    cfg, kept, _, _ = _kept_batches(policy, batch, args)
     return policy, cfg, kept, copy.deepcopy(policy.state_dict())
 
 
