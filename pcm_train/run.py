@@ -15,7 +15,7 @@ overrides on top, as in verl.
 Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
 rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
 each rank trains its share of the trajectories and the gradients are summed,
-so K GPUs make the same update as one (``pcm_train.distributed``). Run
+so K GPUs make the same update as one (``pcm_train.training.distributed``). Run
 directories must be on a filesystem every rank can read.
 Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/``, ``report/`` (plots and summary.md).
@@ -96,8 +96,8 @@ def _main(argv: list[str]) -> int:
     config_file, argv = split_config_file(argv)
     cfg = load_config(resolve_overrides(argv, config_file), config_file=config_file)
     _check_device(cfg.trainer.device)  # before the slow imports below
-    from pcm_train.distributed import init_distributed
-    from pcm_train.trainer import Trainer, make_env_pool
+    from pcm_train.training.distributed import init_distributed
+    from pcm_train.training.trainer import Trainer, make_env_pool
 
     dist_info = init_distributed()
     if cfg.env.camera and dist_info.is_main:
@@ -113,7 +113,7 @@ def _main(argv: list[str]) -> int:
         trainer.close()
     if not dist_info.is_main:
         return 0 if finished else 130
-    from pcm_train.report import write_report
+    from pcm_train.tools.report import write_report
 
     try:
         report = write_report([trainer.run_dir])

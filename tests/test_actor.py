@@ -1,22 +1,21 @@
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from verl import DataProto
 
-from pcm_train import compare_update
+from pcm_train.tools import compare_update
 from verl.trainer.ppo import core_algos
 
-from pcm_train.actor import accumulate_gradients, chunk_log_probs, make_optimizer, mini_batches, update_actor
-from pcm_train.batch import shrink_batch
+from pcm_train.algorithm.actor import accumulate_gradients, chunk_log_probs, make_optimizer, mini_batches, update_actor
+from pcm_train.algorithm.batch import shrink_batch
 from pcm_train.config import load_config
-from pcm_train.controller import PCMController
-from pcm_train.grpo import policy_loss, token_mask
+from pcm_train.algorithm.controller import PCMController
+from pcm_train.algorithm.grpo import policy_loss, token_mask
 from pcm_train.policies import SmallVLA, SmallVLAConfig
-from pcm_train.simplevla import pcm_shrink_batch
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.integrations.simplevla import pcm_shrink_batch
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 C = 8
 

@@ -3,7 +3,7 @@ import torch
 
 import pcm_kernels as pk
 from pcm_train.config import load_config
-from pcm_train.controller import STRATEGY_REGISTRY, PCMController, keep_probabilities, register_strategy
+from pcm_train.algorithm.controller import STRATEGY_REGISTRY, PCMController, keep_probabilities, register_strategy
 
 from gripper_cases import random_gripper
 

@@ -3,13 +3,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pcm_train.actor import update_actor
+from pcm_train.algorithm.actor import update_actor
 from pcm_train.config import load_config
-from pcm_train.controller import PCMController
-from pcm_train.distributed import DistInfo
+from pcm_train.algorithm.controller import PCMController
+from pcm_train.training.distributed import DistInfo
 from pcm_train.policies import SmallVLA, SmallVLAConfig
-from pcm_train.simplevla import pcm_shrink_batch
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.integrations.simplevla import pcm_shrink_batch
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 OVERRIDES = ["pcm.budget=3", "actor.lr=1e-2", "actor.ppo_epochs=2"]
 
@@ -67,7 +67,7 @@ def _trainer_worker(rank, world_size, store, overrides):
     sys.path.insert(0, str(Path(__file__).parent))
     from fake_env import fake_pool_factory
 
-    from pcm_train.trainer import Trainer
+    from pcm_train.training.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
@@ -83,9 +83,9 @@ def test_two_process_trainer_equals_one(tmp_path):
     from safetensors.torch import load_file
 
     from fake_env import fake_pool_factory
-    from pcm_train.checkpoint import latest_checkpoint
-    from pcm_train.metrics_log import read_metrics
-    from pcm_train.trainer import Trainer
+    from pcm_train.training.checkpoint import latest_checkpoint
+    from pcm_train.training.metrics_log import read_metrics
+    from pcm_train.training.trainer import Trainer
     from test_trainer import TINY
 
     single = Trainer(load_config(TINY + [f"trainer.output_dir={tmp_path / 'one'}"]), fake_pool_factory(close_steps=6))

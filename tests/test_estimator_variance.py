@@ -3,10 +3,10 @@ import json
 
 import torch
 
-from pcm_train import estimator_variance
+from pcm_train.tools import estimator_variance
 from pcm_train.config import load_config
 from pcm_train.policies import SmallVLA, SmallVLAConfig
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 
 def _setup(num_chunks):

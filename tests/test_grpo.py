@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo import core_algos
 
 from pcm_train.config import LOSS_AGG_MODES
-from pcm_train.grpo import chunk_seqlens, grpo_advantages, policy_loss, token_mask
+from pcm_train.algorithm.grpo import chunk_seqlens, grpo_advantages, policy_loss, token_mask
 
 CLIP_LOW, CLIP_HIGH = 0.2, 0.4
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from pcm_train import knee
-from pcm_train.controller import PHASE_NAMES
+from pcm_train.tools import knee
+from pcm_train.algorithm.controller import PHASE_NAMES
 from pcm_train.policies import SmallVLA, SmallVLAConfig
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 LINE = re.compile(r"knee at ([\d.]+)% of chunks captures ([\d.]+)% of score mass; "
                   r"recommended B = (\d+) \(of (\d+) chunks\); captured at B=8/12/16: [\d.]+%/[\d.]+%/[\d.]+%")

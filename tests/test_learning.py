@@ -4,7 +4,7 @@ Env: ``learning_env.LiftPool`` (pure numpy): success once a block is lifted to a
 block rises only while the gripper is closed (``a[6] > 0``), by the arm's dim-0 action; opening drops
 it. What the arm does in the closed (ACTIVE_GRIP) steps decides success.
 
-Path: the real trainer, ``pcm_train.trainer.Trainer.run`` (``collect_rollouts``, ``grpo_advantages``,
+Path: the real trainer, ``pcm_train.training.trainer.Trainer.run`` (``collect_rollouts``, ``grpo_advantages``,
 ``PCMController``, ``pcm_shrink_batch``, ``update_actor``) with a fresh, tiny state-mode small VLA
 (full fine-tuning), 4 prompts x 8 rollouts of <= 4 chunks per step, several optimizer steps per
 batch (PPO mini-batches), so the PPO ratio leaves 1 and ``actor/pg_clipfrac`` must be > 0 at some step.
@@ -54,9 +54,9 @@ import pytest
 import torch
 
 from pcm_train.config import load_config
-from pcm_train.metrics_log import read_metrics
-from pcm_train.rollout import Episode, collect_rollouts
-from pcm_train.trainer import Trainer
+from pcm_train.training.metrics_log import read_metrics
+from pcm_train.training.rollout import Episode, collect_rollouts
+from pcm_train.training.trainer import Trainer
 
 from learning_env import LiftPool, lift_pool_factory
 

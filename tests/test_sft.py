@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pcm_train import sft
-from pcm_train.action_tokens import gripper_to_env, tokens_to_normalized
+from pcm_train.tools import sft
+from pcm_train.policies.action_tokens import gripper_to_env, tokens_to_normalized
 from pcm_train.config import ConfigError, load_config
-from pcm_train.demos import FORMAT, INDEX_FILE, episode_file, write_episode
+from pcm_train.tools.demos import FORMAT, INDEX_FILE, episode_file, write_episode
 from pcm_train.expert import Episode
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 from pcm_train.policies import SmallVLAConfig
 from pcm_train.policies.factory import build_policy
 
@@ -127,9 +127,9 @@ def test_image_mode_needs_recorded_images(demos, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_expert_demos_to_a_state_policy_rollout(tmp_path):
     pytest.importorskip("libero.libero", reason="LIBERO is not installed")
-    from pcm_train import demos as demo_writer
+    from pcm_train.tools import demos as demo_writer
     from pcm_train.envs.workers import EnvWorkerPool
-    from pcm_train.rollout import Episode as RolloutEpisode, collect_rollouts
+    from pcm_train.training.rollout import Episode as RolloutEpisode, collect_rollouts
 
     assert demo_writer.main([f"out={tmp_path / 'demos'}", "per_task=2", "tasks=[0]", "noise=0.1"]) == 0
     assert sft.main([f"demos={tmp_path / 'demos'}", f"out={tmp_path / 'policy'}", "epochs=2", "hidden_size=16",

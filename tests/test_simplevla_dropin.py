@@ -9,7 +9,7 @@ same class with docs/simplevla_rl.md §3 applied. Their actor runs here unmodifi
 makes ``TensorDict.cuda()`` and ``torch.cuda.synchronize()`` no-ops (everything stays on the CPU).
 
 Gradients are compared where each optimizer step sees them (after gradient clipping; a recording
-SGD), step by step, with ``pcm_train.actor.update_actor`` (``actor.shuffle=false``, one epoch,
+SGD), step by step, with ``pcm_train.algorithm.actor.update_actor`` (``actor.shuffle=false``, one epoch,
 mini-batches of their ``ppo_mini_batch_size`` trajectories, their clip ratios and ``grad_clip``).
 """
 import copy
@@ -24,13 +24,13 @@ from omegaconf import OmegaConf, open_dict
 from tensordict import TensorDict
 from verl import DataProto
 
-from pcm_train.actor import update_actor
+from pcm_train.algorithm.actor import update_actor
 from pcm_train.config import load_config
-from pcm_train.controller import PCMController
+from pcm_train.algorithm.controller import PCMController
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.policies.small_vla import PAD_ID
-from pcm_train.simplevla import OPENVLA_ACTION_TOKEN_START, pcm_shrink_batch
-from pcm_train.synthetic import synthetic_rollout_batch
+from pcm_train.integrations.simplevla import OPENVLA_ACTION_TOKEN_START, pcm_shrink_batch
+from pcm_train.tools.synthetic import synthetic_rollout_batch
 
 THIRD_PARTY = Path(__file__).resolve().parent / "third_party"
 sys.path.insert(0, str(THIRD_PARTY))
@@ -286,7 +286,7 @@ def test_partial_last_mini_batch_divides_by_ppo_mini_batch_size(policy, batches)
 
 @pytest.mark.parametrize("strategy,estimator", [("pcm", "biased"), ("pcm", "unbiased"), ("top_phase", "biased")])
 def test_doc_second_recipe_with_our_loss(policy, batches, strategy, estimator):
-    """The doc's "one call to our loss" (pcm_train.grpo.policy_loss in place of compute_policy_loss +
+    """The doc's "one call to our loss" (pcm_train.algorithm.grpo.policy_loss in place of compute_policy_loss +
     rescale + / gradient_accumulation; ``num_sequences=stop - start``) = update_actor: biased, with the
     unbiased estimator's weights and ``traj_valid_tokens``, and under top_phase, where trajectories 3
     and 4 keep no chunk and still count in the mean. 3 divides 6 trajectories, so it also equals the

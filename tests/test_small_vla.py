@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcm_train.action_tokens import (NUM_ACTION_BINS, bin_centers, gripper_to_env, normalized_to_tokens,
+from pcm_train.policies.action_tokens import (NUM_ACTION_BINS, bin_centers, gripper_to_env, normalized_to_tokens,
                                      tokens_to_normalized, unnormalize)
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.policies.small_vla import STOP_ID

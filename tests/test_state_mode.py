@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from pcm_train.config import load_config
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.policies.factory import build_policy
-from pcm_train.rollout import Episode, collect_rollouts
-from pcm_train.trainer import Trainer, make_env_pool
+from pcm_train.training.rollout import Episode, collect_rollouts
+from pcm_train.training.trainer import Trainer, make_env_pool
 
 from fake_env import FakePool, fake_pool_factory
 

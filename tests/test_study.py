@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from pcm_train import study, study_report
+from pcm_train.tools import study
+from pcm_train.tools import study_report
 from pcm_train.config import ConfigError
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 
 from fake_env import fake_pool_factory
 

@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from pcm_train import report
-from pcm_train.checkpoint import latest_checkpoint, load_trainer_state
+from pcm_train.tools import report
+from pcm_train.training.checkpoint import latest_checkpoint, load_trainer_state
 from pcm_train.config import load_config
-from pcm_train.metrics_log import read_metrics
-from pcm_train.rollout import Episode, collect_rollouts
+from pcm_train.training.metrics_log import read_metrics
+from pcm_train.training.rollout import Episode, collect_rollouts
 from pcm_train.run import resolve_overrides
-from pcm_train.trainer import Trainer
+from pcm_train.training.trainer import Trainer
 
 from fake_env import FakePool, fake_pool_factory
 
@@ -143,7 +143,7 @@ def test_report_cli_compares_runs(tmp_path, capsys):
 def test_wandb_offline_gets_the_same_metric_names(tmp_path, monkeypatch):
     """wandb offline (no network): every numeric metric of metrics.jsonl is logged under the same name
     against ``step``, written to the run's offline log under RUN/wandb; a resume continues the same run."""
-    from pcm_train import metrics_log
+    from pcm_train.training import metrics_log
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     logged = []

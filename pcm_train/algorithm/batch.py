@@ -23,8 +23,8 @@ import torch
 from verl import DataProto
 
 import pcm_kernels as pk
-from pcm_train import action_tokens
-from pcm_train.grpo import chunk_seqlens
+from pcm_train.policies import action_tokens
+from pcm_train.algorithm.grpo import chunk_seqlens
 
 CHUNK_KEYS = ("responses", "input_ids", "attention_mask", "pixel_values")
 TOKEN_KEYS = ("old_log_probs", "advantages")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from verl import DataProto
 
-from pcm_train.batch import check_rollout_batch, executed_actions, group_ids, shrink_batch
-from pcm_train.controller import PCMController, Selection
+from pcm_train.algorithm.batch import check_rollout_batch, executed_actions, group_ids, shrink_batch
+from pcm_train.algorithm.controller import PCMController, Selection
 
 OPENVLA_ACTION_TOKEN_START = 31744  # the last 256 ids of OpenVLA's 32000-token vocabulary
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pcm_train.action_tokens import NUM_ACTION_BINS, tokens_to_normalized
+from pcm_train.policies.action_tokens import NUM_ACTION_BINS, tokens_to_normalized
 
 
 def check_int_tensor(name: str, value, ndim: int, described: str) -> None:

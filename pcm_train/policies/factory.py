@@ -18,7 +18,7 @@ def check_policy_path(cfg: PolicySection) -> None:
                                 "(a local OpenVLA-OFT checkpoint folder, e.g. a SimpleVLA-RL SFT download)")
     if cfg.path is not None and not (Path(cfg.path) / "config.json").is_file():
         raise FileNotFoundError(f"policy.path={cfg.path}: no config.json there (a directory written by "
-                                "save_pretrained, pcm_train.sft or pcm_train.run's base_policy/ is expected)")
+                                "save_pretrained, pcm_train.tools.sft or pcm_train.run's base_policy/ is expected)")
 
 
 def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
+from pcm_train.policies.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
 from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID, STOP_ID, OpenVLAProcessor,
                                                   load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec

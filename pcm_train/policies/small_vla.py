@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from pcm_train.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
+from pcm_train.policies.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
 from pcm_train.config import OBSERVATIONS
 from pcm_train.policies.action_head import ActionTokensMixin, check_int_tensor as _check_int_tensor
 from pcm_train.policies.lora import LoraLanguageModelMixin

@@ -4,7 +4,7 @@
         [--prompts 8] [--group-size 4] [--seed 0] [--json]
 
 On one rollout batch (``libero``: the committed SFT policy's state-mode rollouts on LIBERO-Object,
-as in the study; ``synthetic``: ``pcm_train.synthetic`` on a fresh small policy), computes the
+as in the study; ``synthetic``: ``pcm_train.tools.synthetic`` on a fresh small policy), computes the
 GRPO gradient over every valid chunk, ``g``, then for each selection rule (``pcm``, ``random``)
 and estimator (``biased``, ``unbiased``) the masked gradients ``ĝ`` of ``--draws`` independent
 selections (same keep probabilities, fresh draws). Per row: relative bias ``||E ĝ − g|| / ||g||``,
@@ -27,10 +27,10 @@ from verl import DataProto
 
 import pcm_kernels as pk
 from pcm_train.cli import argument_parser, run_command
-from pcm_train.actor import accumulate_gradients
-from pcm_train.batch import executed_actions, group_ids, shrink_batch
+from pcm_train.algorithm.actor import accumulate_gradients
+from pcm_train.algorithm.batch import executed_actions, group_ids, shrink_batch
 from pcm_train.config import load_config
-from pcm_train.controller import STRATEGY_REGISTRY, PCMController
+from pcm_train.algorithm.controller import STRATEGY_REGISTRY, PCMController
 
 RULES = ("pcm", "random")
 ESTIMATORS = ("biased", "unbiased")
@@ -56,11 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def libero_batch(args):
     """(policy, cfg, batch with advantages): the study's SFT policy rolled out on camera-less LIBERO-Object."""
-    from pcm_train.grpo import grpo_advantages, token_mask
+    from pcm_train.algorithm.grpo import grpo_advantages, token_mask
     from pcm_train.policies.factory import build_policy
-    from pcm_train.rollout import Episode, collect_rollouts
-    from pcm_train.study import INIT_POLICY, STUDY_SETTINGS
-    from pcm_train.trainer import NUM_INIT_STATES, make_env_pool
+    from pcm_train.training.rollout import Episode, collect_rollouts
+    from pcm_train.tools.study import INIT_POLICY, STUDY_SETTINGS
+    from pcm_train.training.trainer import NUM_INIT_STATES, make_env_pool
 
     cfg = load_config([*STUDY_SETTINGS, f"policy.path={INIT_POLICY}",
                        f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
@@ -88,7 +88,7 @@ def libero_batch(args):
 
 def synthetic_batch(args):
     from pcm_train.policies import SmallVLA, SmallVLAConfig
-    from pcm_train.synthetic import synthetic_rollout_batch
+    from pcm_train.tools.synthetic import synthetic_rollout_batch
 
     torch.manual_seed(args.seed)
     policy = SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

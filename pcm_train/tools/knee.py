@@ -49,10 +49,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import pcm_kernels as pk  # noqa: E402
 from pcm_train.cli import argument_parser, run_command
-from pcm_train.batch import executed_actions, group_ids  # noqa: E402
-from pcm_train.controller import PHASE_NAMES  # noqa: E402
-from pcm_train.metrics_log import read_metrics  # noqa: E402
-from pcm_train.simplevla import OPENVLA_ACTION_TOKEN_START  # noqa: E402
+from pcm_train.algorithm.batch import executed_actions, group_ids  # noqa: E402
+from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
+from pcm_train.training.metrics_log import read_metrics  # noqa: E402
+from pcm_train.integrations.simplevla import OPENVLA_ACTION_TOKEN_START  # noqa: E402
 
 PAPER_BUDGETS = (8, 12, 16)
 TRAJECTORIES = 100  # average trajectories a run directory's chunk-level vector stands for

@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pcm_train.cli import argument_parser, run_command
-from pcm_train.controller import PHASE_NAMES  # noqa: E402
-from pcm_train.metrics_log import read_metrics  # noqa: E402
+from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
+from pcm_train.training.metrics_log import read_metrics  # noqa: E402
 
 
 def _run_label(run_dir: Path) -> str:

@@ -4,7 +4,7 @@
                             [batch_size=B] [lr=X] [weight_decay=X] [hidden_size=H] [num_layers=N] [seed=S]
                             [val_fraction=F] [device=auto]
 
-Dataset: every chunk of every successful demonstration (``pcm_train.demos``' format): the
+Dataset: every chunk of every successful demonstration (``pcm_train.tools.demos``' format): the
 observation at the chunk's first step, the task prompt, and the chunk's executed actions
 (``labels=clean``: the expert's noise-free ones) as the 56 action tokens the policy emits (same
 256-bin tokenization; the gripper mapped from the env's ±1 back to the model's 1 = open / 0 =
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pcm_train.cli import run_command
-from pcm_train.action_tokens import normalized_to_tokens
+from pcm_train.policies.action_tokens import normalized_to_tokens
 from pcm_train.config import OBSERVATIONS, ConfigError, _above, _at_least, _one_of, _within, apply_overrides
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 
@@ -44,7 +44,7 @@ STATE_STD_FLOOR = 1e-2  # state dims that barely vary in the demos are not blown
 class SFTConfig:
     """Command-line options of ``python -m pcm_train.sft``."""
 
-    demos: Optional[str] = None  # directory written by pcm_train.demos (required)
+    demos: Optional[str] = None  # directory written by pcm_train.tools.demos (required)
     out: Optional[str] = None  # where the policy and sft_metrics.jsonl go (required)
     observation: str = "state"  # one of OBSERVATIONS; image needs demos recorded with images
     labels: str = "executed"  # one of LABELS: the executed (noisy) actions or the expert's noise-free ones
@@ -83,7 +83,7 @@ class SFTConfig:
 def gripper_from_env(command: torch.Tensor) -> torch.Tensor:
     """Env gripper command (float, any shape; +1 close, -1 open) -> model value (1 open, 0 close): ``(1 - g) / 2``.
 
-    Inverse of ``pcm_train.action_tokens.gripper_to_env`` on ±1."""
+    Inverse of ``pcm_train.policies.action_tokens.gripper_to_env`` on ±1."""
     return (1.0 - command) / 2.0
 
 
@@ -103,7 +103,7 @@ def actions_to_tokens(actions: torch.Tensor, config: SmallVLAConfig) -> torch.Te
 
 def load_successful_demonstrations(directory: str) -> list:
     """The successful episodes (``pcm_train.expert.Episode``) listed in ``directory/index.json``, in its order."""
-    from pcm_train.demos import FORMAT, INDEX_FILE, read_episode
+    from pcm_train.tools.demos import FORMAT, INDEX_FILE, read_episode
 
     index_path = Path(directory) / INDEX_FILE
     if not index_path.is_file():

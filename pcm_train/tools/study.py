@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 from pcm_train.cli import run_command
-from pcm_train import study_report
+from pcm_train.tools import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config, preset_overrides
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 
 # The committed SFT starting point (docs/results/README.md says how it was made).
 INIT_POLICY = "docs/results/init_policy"
@@ -130,7 +130,7 @@ def archived_steps(directory: Path) -> int:
 
 def train_one(overrides: list[str], pool_factory) -> bool:
     """Trains (or resumes) one run to its total steps; returns False if stopped by Ctrl-C."""
-    from pcm_train.trainer import Trainer
+    from pcm_train.training.trainer import Trainer
 
     cfg = load_config(overrides)
     directory = Path(cfg.trainer.output_dir)
@@ -169,7 +169,7 @@ def setup_facts(study: StudyConfig, extra: list[str]) -> dict:
 def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[Path]:
     """Trains every missing (seed, variant) run, rewriting the page after each; returns its files."""
     if pool_factory is None:
-        from pcm_train.trainer import make_env_pool as pool_factory
+        from pcm_train.training.trainer import make_env_pool as pool_factory
     for seed in study.seeds:
         for variant in study.variants:
             overrides = run_overrides(study, variant, seed, extra)

@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcm_train.controller import PHASE_NAMES  # noqa: E402
-from pcm_train.metrics_log import read_metrics  # noqa: E402
-from pcm_train.report import save_figure  # noqa: E402
+from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
+from pcm_train.training.metrics_log import read_metrics  # noqa: E402
+from pcm_train.tools.report import save_figure  # noqa: E402
 
 MIB = 2 ** 20
 

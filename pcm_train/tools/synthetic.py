@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from pcm_train import action_tokens
-from pcm_train.grpo import grpo_advantages, token_mask
+from pcm_train.policies import action_tokens
+from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 
 TASKS = ("pick up the alphabet soup and place it in the basket",
          "pick up the cream cheese and place it in the basket",

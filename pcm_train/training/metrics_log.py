@@ -42,7 +42,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Keep the rows of steps <= ``step`` (atomically: a crash leaves the old or the new log)."""
-        from pcm_train.checkpoint import write_atomically
+        from pcm_train.training.checkpoint import write_atomically
 
         rows = [r for r in read_metrics(self.path) if r["step"] <= step] if self.path.exists() else []
         write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))

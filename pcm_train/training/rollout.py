@@ -27,6 +27,10 @@ class EnvPool(Protocol):
         """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode)."""
 
 
+class StopRequested(Exception):
+    """Ctrl-C arrived; the trainer saves and exits at the next safe point."""
+
+
 @dataclass
 class Episode:
     """One rollout: which task and initial state, and its GRPO group."""
@@ -45,7 +49,7 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     [E, C, *row] with row = the policy's input per chunk ([C, H, W] images or [state_dim] states).
 
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
-    ``pcm_train.trainer.StopRequested`` (a half-recorded batch is never returned)."""
+    ``StopRequested`` (a half-recorded batch is never returned)."""
     if not episodes:
         raise ValueError("episodes must not be empty")
     cfg = policy.config
@@ -69,8 +73,6 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
         if rows.size == 0:
             break
         if should_stop():
-            from pcm_train.trainer import StopRequested
-
             raise StopRequested
         out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device), temperature=temperature,
                          greedy=greedy, generator=generator)

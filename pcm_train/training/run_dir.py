@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pcm_train.metrics_log import read_metrics
+from pcm_train.training.metrics_log import read_metrics
 
 
 class RunDirError(ValueError):

@@ -14,23 +14,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pcm_train import checkpoint as ckpt
-from pcm_train import run_dir
-from pcm_train.actor import make_optimizer, update_actor
+from pcm_train.training import checkpoint as ckpt
+from pcm_train.training import run_dir
+from pcm_train.algorithm.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict, save_config
-from pcm_train.controller import PCMController
-from pcm_train.distributed import DistInfo, broadcast_batch, broadcast_object
-from pcm_train.grpo import grpo_advantages, token_mask
-from pcm_train.metrics_log import MetricsLog
+from pcm_train.algorithm.controller import PCMController
+from pcm_train.training.distributed import DistInfo, broadcast_batch, broadcast_object
+from pcm_train.algorithm.grpo import grpo_advantages, token_mask
+from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.policies.factory import build_policy, check_policy_path
-from pcm_train.rollout import Episode, collect_rollouts
-from pcm_train.simplevla import pcm_shrink_batch
+from pcm_train.training.rollout import Episode, StopRequested, collect_rollouts
+from pcm_train.integrations.simplevla import pcm_shrink_batch
 
 NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
-
-
-class StopRequested(Exception):
-    """Ctrl-C arrived; the trainer saves and exits at the next safe point."""
 
 
 def make_env_pool(cfg: PCMTrainConfig, image_size: int):

@@ -4,7 +4,7 @@
 # pseudo-diff adds or changes are marked `# PCM`; the rest is upstream's update_policy verbatim.
 #
 # The doc's first recipe (their compute_policy_loss, rescaled) is PCMRobDataParallelPPOActor;
-# its second recipe ("one call to our loss", pcm_train.grpo.policy_loss, which needs verl >= 0.9
+# its second recipe ("one call to our loss", pcm_train.algorithm.grpo.policy_loss, which needs verl >= 0.9
 # importable as `verl` -- true in this test process, not in SimpleVLA-RL's) is
 # PCMLossRobDataParallelPPOActor, with the doc's unbiased-estimator variant.
 import torch
@@ -17,8 +17,8 @@ from simplevla_rl.dp_rob import RobDataParallelPPOActor
 from simplevla_rl.py_functional import append_to_dict
 
 from pcm_train.config import PCMSection  # PCM
-from pcm_train.controller import PCMController  # PCM
-from pcm_train.grpo import policy_loss  # PCM (second recipe only)
+from pcm_train.algorithm.controller import PCMController  # PCM
+from pcm_train.algorithm.grpo import policy_loss  # PCM (second recipe only)
 from pcm_train.simplevla import pcm_shrink_batch  # PCM
 
 BASE_SEED = 0  # PCM: the doc's `base_seed`, left to the user
@@ -114,7 +114,7 @@ class PCMRobDataParallelPPOActor(RobDataParallelPPOActor):
 
 
 class PCMLossRobDataParallelPPOActor(PCMRobDataParallelPPOActor):
-    """The doc's second recipe: one call to pcm_train.grpo.policy_loss replaces each slice's
+    """The doc's second recipe: one call to pcm_train.algorithm.grpo.policy_loss replaces each slice's
     compute_policy_loss + rescale + `/ self.gradient_accumulation`, counts zeroed outside the
     mini-batch through `num_sequences=stop - start`; with `pcm.estimator=unbiased` (kept rows carry
     `chunk_weight`) the doc's weights and `traj_valid_tokens`."""

@@ -1,0 +1,1 @@
+"""Drop-ins for other trainers (SimpleVLA-RL / verl)."""

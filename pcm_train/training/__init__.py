@@ -1,0 +1,1 @@
+"""The training machinery: the loop, rollouts, checkpoints, metrics, run directories, torchrun."""

@@ -1,0 +1,283 @@
+"""MetaWorld v3 as a second env family (``pcm_train.envs.metaworld``).
+
+About 6-15 s on 2 busy CPU cores (most of it building MT1's placements, ~1 s per task, once per process).
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+# Not importorskip: that would import mujoco before the env decides MUJOCO_GL.
+if importlib.util.find_spec("metaworld") is None:
+    pytest.skip("MetaWorld is installed by the project's setup (train extra)", allow_module_level=True)
+
+import pcm_kernels as pk  # noqa: E402
+from pcm_train.envs.metaworld import (ACTION_DIM, MAX_STEPS, NUM_INIT_STATES, PROPRIO_DIM,  # noqa: E402
+                                      STATE_DIM, MetaWorldEnv, ScriptedExpert, check_init_state,
+                                      from_native_actions, initial_state, list_tasks, num_init_states,
+                                      run_scripted_episode, task_specs, to_native_actions)
+
+SUITE = "metaworld"
+TASK_NAMES = ["pick-place-v3", "pick-out-of-hole-v3", "basketball-v3", "assembly-v3"]
+CHUNK = 8  # the policies' action chunk
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = MetaWorldEnv(SUITE)
+    yield env
+    env.close()
+
+
+def wiggle(steps, seed=0):
+    """float64 [steps, 7]: random arm motion with the gripper closing half-way (a fixed action sequence)."""
+    rng = np.random.default_rng(seed)
+    actions = rng.uniform(-1, 1, (steps, ACTION_DIM))
+    actions[:, 6] = np.where(np.arange(steps) < steps // 2, -1.0, 1.0)
+    return actions
+
+
+def run_actions(env, task_id, init_state_id, actions):
+    """(initial obs, final obs, infos) of an episode driven by ``actions`` in chunks of CHUNK."""
+    first, _ = env.reset(task_id=task_id, init_state_id=init_state_id)
+    infos, obs = [], first
+    for start in range(0, len(actions), CHUNK):
+        obs, reward, terminated, truncated, info = env.step_chunk(actions[start:start + CHUNK])
+        infos.append((reward, terminated, truncated, info["chunk_steps"], info["gripper_closed"].tolist(),
+                      info["finger_opening"].tolist()))
+        if terminated or truncated:
+            break
+    return first, obs, infos
+
+
+def chunk_labels(gripper_signal):
+    """int8 [C] phase labels of one episode's per-step gripper signal (+1 closed, -1 open), L = CHUNK."""
+    steps = len(gripper_signal)
+    chunks = -(-steps // CHUNK)
+    gripper = torch.full((1, chunks * CHUNK), -1.0)
+    gripper[0, :steps] = torch.as_tensor(np.asarray(gripper_signal, dtype=np.float32))
+    return pk.label_phases(gripper.view(1, chunks, CHUNK), torch.tensor([steps]), close_above=0.0)[0].tolist()
+
+
+def count_grip_runs(labels):
+    """Number of unbroken runs of active-grip chunks."""
+    grip = [label == pk.Phase.ACTIVE_GRIP for label in labels]
+    return sum(1 for i, g in enumerate(grip) if g and (i == 0 or not grip[i - 1]))
+
+
+def assert_one_grasp(labels, what):
+    """approach / pre-grasp chunks, then one unbroken run of active-grip chunks, then release / tail (if any)."""
+    grip = [label == pk.Phase.ACTIVE_GRIP for label in labels]
+    runs = count_grip_runs(labels)
+    assert runs == 1, f"{what}: {runs} grasp intervals in {labels}"
+    first, last = grip.index(True), len(grip) - 1 - grip[::-1].index(True)
+    assert all(label in (pk.Phase.APPROACH, pk.Phase.PRE_GRASP) for label in labels[:first]), (what, labels)
+    assert all(label in (pk.Phase.RELEASE_RAMP, pk.Phase.TAIL) for label in labels[last + 1:]), (what, labels)
+    assert labels[0] == pk.Phase.APPROACH, (what, labels)
+
+
+# ----- tasks and prompts -----
+
+def test_tasks_and_placements():
+    assert [task.name for task in list_tasks(SUITE)] == TASK_NAMES
+    assert [task.task_id for task in list_tasks(SUITE)] == [0, 1, 2, 3]
+    assert all(task.language and task.language == task.language.strip() for task in list_tasks(SUITE))
+    assert num_init_states(SUITE, 3) == NUM_INIT_STATES == 50
+    for bad in [(4, 0), (-1, 0), (0, 50), (0, -1), (0, 1.0)]:
+        with pytest.raises(ValueError):
+            check_init_state(SUITE, *bad)
+    with pytest.raises(ValueError, match="suite"):
+        list_tasks("libero_object")
+    vectors = np.stack([initial_state(SUITE, 0, k) for k in range(NUM_INIT_STATES)])
+    assert len(np.unique(vectors, axis=0)) == NUM_INIT_STATES  # 50 distinct placements
+    np.testing.assert_array_equal(initial_state(SUITE, 0, 7), vectors[7])
+
+
+def test_gripper_mapping_uses_each_tasks_levels():
+    for spec in task_specs(SUITE):
+        policy = np.zeros((3, ACTION_DIM))
+        policy[:, :3] = 0.25
+        policy[:, 6] = [-1.0, 0.0, 1.0]  # open, open (not > 0), close
+        native = to_native_actions(policy, spec)
+        np.testing.assert_array_equal(native[:, 3], [spec.open_level, spec.open_level, spec.close_level])
+        np.testing.assert_array_equal(native[:, :3], policy[:, :3])
+        back = from_native_actions(native, spec)
+        np.testing.assert_array_equal(back[:, 6], [-1.0, -1.0, 1.0])
+        np.testing.assert_array_equal(back[:, 3:6], 0.0)
+    levels = {spec.name: (spec.open_level, spec.close_level) for spec in task_specs(SUITE)}
+    assert levels == {"pick-place-v3": (0.0, 1.0), "pick-out-of-hole-v3": (0.0, 0.1),
+                      "basketball-v3": (-1.0, 0.6), "assembly-v3": (0.0, 0.6)}
+
+
+# ----- reset and step -----
+
+def test_reset_observation_and_chunk_steps(env):
+    obs, info = env.reset(task_id=0, init_state_id=3)
+    assert set(obs) == {"state", "language"}
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (STATE_DIM,) == (env.state_dim,)
+    assert obs["language"] == list_tasks(SUITE)[0].language
+    assert obs["state"][3] == 1.0  # fingers wide open after reset
+    np.testing.assert_allclose(obs["state"][-3:], initial_state(SUITE, 0, 3)[-3:], atol=1e-6)  # the goal is observed
+    assert info["chunk_steps"] == 0 and info["elapsed_steps"] == 0
+    assert (info["task_id"], info["init_state_id"]) == (0, 3)
+    obs, reward, terminated, truncated, info = env.step_chunk(np.zeros((CHUNK, ACTION_DIM)))
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    assert info["chunk_steps"] == CHUNK and info["elapsed_steps"] == CHUNK
+    assert info["gripper_closed"].shape == (CHUNK,) and info["gripper_closed"].dtype == bool
+    assert not info["gripper_closed"].any()
+    obs, *_ = env.step(np.zeros(ACTION_DIM))
+    assert env.elapsed_steps == CHUNK + 1
+    for bad in (np.zeros((0, ACTION_DIM)), np.zeros((2, 6)), np.full((2, ACTION_DIM), np.nan)):
+        with pytest.raises(ValueError):
+            env.step_chunk(bad)
+
+
+def test_proprio_state_without_privileged_state():
+    env = MetaWorldEnv(SUITE, privileged_state=False)
+    try:
+        obs, _ = env.reset(task_id=1, init_state_id=0)
+        assert obs["state"].shape == (PROPRIO_DIM,) == (env.state_dim,)
+        np.testing.assert_array_equal(obs["state"], env.raw_observation[:PROPRIO_DIM].astype(np.float32))
+    finally:
+        env.close()
+
+
+def test_success_ends_the_episode_with_reward_one(env):
+    expert = ScriptedExpert(SUITE, 0)
+    env.reset(task_id=0, init_state_id=0)
+    for _ in range(MAX_STEPS):
+        obs, reward, terminated, truncated, info = env.step(expert.act(env.raw_observation))
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and not truncated and info["success"]
+    assert 40 < env.elapsed_steps < 80
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step_chunk(np.zeros((1, ACTION_DIM)))
+
+
+def test_success_inside_a_chunk_stops_it_early(env):
+    episode = run_scripted_episode(env, 0, 1)
+    assert episode.success
+    padded = np.concatenate([episode.actions, np.zeros((CHUNK, ACTION_DIM))])  # more actions than needed
+    env.reset(task_id=0, init_state_id=1)
+    steps = 0
+    for start in range(0, len(padded), CHUNK):
+        obs, reward, terminated, truncated, info = env.step_chunk(padded[start:start + CHUNK])
+        steps += info["chunk_steps"]
+        if terminated or truncated:
+            break
+    assert terminated and reward == 1.0 and steps == len(episode.actions) == env.elapsed_steps
+
+
+def test_max_steps_truncates_within_a_chunk():
+    env = MetaWorldEnv(SUITE, max_steps=5)
+    try:
+        env.reset(task_id=2, init_state_id=0)
+        obs, reward, terminated, truncated, info = env.step_chunk(np.zeros((CHUNK, ACTION_DIM)))
+        assert (reward, terminated, truncated, info["chunk_steps"]) == (0.0, False, True, 5)
+    finally:
+        env.close()
+
+
+# ----- scripted expert and phase labels -----
+
+@pytest.mark.parametrize("task_id", range(len(TASK_NAMES)))
+def test_scripted_episodes_succeed_with_one_grasp_interval(env, task_id):
+    """Clean scripted episodes: success, and label_phases sees one grasp from the commands and from the fingers."""
+    for init_state_id in (0, 1):
+        episode = run_scripted_episode(env, task_id, init_state_id)
+        what = f"{TASK_NAMES[task_id]} placement {init_state_id}"
+        assert episode.success, what
+        assert len(episode.actions) < 200, what
+        assert set(np.unique(episode.actions[:, 6])) == {-1.0, 1.0}, what
+        assert_one_grasp(chunk_labels(episode.actions[:, 6]), what + " (commands)")
+        assert_one_grasp(chunk_labels(np.where(episode.gripper_closed, 1.0, -1.0)), what + " (fingers)")
+
+
+def test_fingers_ignore_an_aborted_close(env):
+    """Basketball placement 40: the script closes for 5 steps, reopens to re-aim, then grasps. The hand never
+    closed the first time, so the finger signal has one grasp; the commands' labels show two grip runs."""
+    episode = run_scripted_episode(env, 2, 40)
+    assert episode.success
+    closes = np.flatnonzero(np.diff((episode.actions[:, 6] > 0).astype(int)) == 1)
+    assert len(closes) == 2  # close, open again, close
+    assert count_grip_runs(chunk_labels(episode.actions[:, 6])) == 2
+    assert_one_grasp(chunk_labels(np.where(episode.gripper_closed, 1.0, -1.0)), "basketball placement 40 (fingers)")
+
+
+def test_fingers_report_closing_after_the_command(env):
+    episode = run_scripted_episode(env, 3, 0)
+    closes = int(np.argmax(episode.actions[:, 6] > 0))
+    closed = int(np.argmax(episode.gripper_closed))
+    assert 0 < closes < closed < closes + 15  # the fingers follow the command after a few steps
+    assert episode.gripper_closed[closed:].all()
+
+
+# ----- determinism and reuse -----
+
+def test_same_prompt_gives_the_same_episode(env):
+    actions = wiggle(40, seed=1)
+    first = run_actions(env, 1, 4, actions)
+    second = run_actions(env, 1, 4, actions)
+    np.testing.assert_array_equal(first[0]["state"], second[0]["state"])
+    np.testing.assert_array_equal(first[1]["state"], second[1]["state"])
+    assert first[2] == second[2]
+    other, _ = env.reset(task_id=1, init_state_id=5)
+    assert not np.array_equal(other["state"], first[0]["state"])  # another placement starts elsewhere
+
+
+def test_reused_env_equals_a_fresh_env(env):
+    actions = wiggle(48, seed=2)
+    run_actions(env, 2, 9, wiggle(30, seed=3))  # leave the env in other tasks' and placements' states
+    run_actions(env, 0, 2, wiggle(30, seed=4))
+    reused = run_actions(env, 2, 6, actions)
+    fresh_env = MetaWorldEnv(SUITE)
+    try:
+        fresh = run_actions(fresh_env, 2, 6, actions)
+    finally:
+        fresh_env.close()
+    np.testing.assert_array_equal(reused[0]["state"], fresh[0]["state"])
+    np.testing.assert_array_equal(reused[1]["state"], fresh[1]["state"])
+    assert reused[2] == fresh[2]
+
+
+_FRESH_PROCESS = """
+import json, sys
+import numpy as np
+from pcm_train.envs.metaworld import MetaWorldEnv
+rng = np.random.default_rng(1)
+actions = rng.uniform(-1, 1, (16, 7))
+env = MetaWorldEnv("metaworld")
+first, _ = env.reset(task_id=3, init_state_id=11)
+last = env.step_chunk(actions)[0]
+print(json.dumps([first["state"].tolist(), last["state"].tolist()]))
+"""
+
+
+def test_prompt_is_reproducible_in_a_fresh_process(env):
+    """What a replacement Ray worker relies on: the same (task, placement, actions) in a new interpreter."""
+    out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS], capture_output=True, text=True, timeout=300,
+                         check=True)
+    first, last = json.loads(out.stdout.strip().splitlines()[-1])
+    actions = np.random.default_rng(1).uniform(-1, 1, (16, 7))
+    here, _ = env.reset(task_id=3, init_state_id=11)
+    np.testing.assert_array_equal(here["state"], np.array(first, dtype=np.float32))
+    np.testing.assert_array_equal(env.step_chunk(actions)[0]["state"], np.array(last, dtype=np.float32))
+
+
+# ----- images -----
+
+def test_camera_observation():
+    env = MetaWorldEnv(SUITE, camera=True, image_size=32, render_size=64)
+    try:
+        obs, _ = env.reset(task_id=0, init_state_id=0)
+        assert obs["image"].shape == (32, 32, 3) and obs["image"].dtype == np.uint8
+        assert obs["image"].std() > 5  # a real frame, not a blank one
+        moved, *_ = env.step_chunk(np.tile([0, 0, 1.0, 0, 0, 0, -1], (CHUNK, 1)))
+        assert not np.array_equal(moved["image"], obs["image"])  # the hand moved up
+    finally:
+        env.close()
