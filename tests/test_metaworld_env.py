@@ -281,3 +281,23 @@ def test_camera_observation():
         assert not np.array_equal(moved["image"], obs["image"])  # the hand moved up
     finally:
         env.close()
+
+
+def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
+    """env.suite=metaworld behind the same Ray pool, trainer and state-mode policy (39-number state)."""
+    from pcm_train.config import load_config
+    from pcm_train.training.metrics_log import read_metrics
+    from pcm_train.training.trainer import Trainer, make_env_pool
+
+    cfg = load_config(["preset=metaworld", "rollout.prompts_per_step=1", "rollout.group_size=2",
+                       "rollout.max_chunks=3", "pcm.budget=2", "trainer.total_steps=1", "trainer.val_every=0",
+                       "env.num_workers=1", "policy.hidden_size=16", "policy.num_layers=1",
+                       f"trainer.output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, make_env_pool)
+    try:
+        assert trainer.policy.config.state_dim == 39
+        assert trainer.run()
+    finally:
+        trainer.close()
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert 0 < row["episode_steps_mean"] <= 24 and row["actor/optimizer_steps"] == 1

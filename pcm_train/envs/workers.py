@@ -62,7 +62,8 @@ from ray.exceptions import (GetTimeoutError, LocalRayletDiedError, NodeDiedError
                             RayActorError, RayError, RaySystemError, RayTaskError, TaskCancelledError,
                             WorkerCrashedError)
 
-from .libero import ACTION_DIM, LiberoEnv, initial_state
+from .families import check_init_state, make_env
+from .libero import ACTION_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class _EnvWorker:
     """Ray actor body: a few LiberoEnvs in one process, addressed by local slot."""
 
     def __init__(self, suite: str, num_envs: int, env_options: dict):
-        self._envs = [LiberoEnv(suite, **env_options) for _ in range(num_envs)]
+        self._envs = [make_env(suite, **env_options) for _ in range(num_envs)]
 
     def pid(self) -> int:
         """The worker's process id (diagnostics, fault-injection tests)."""
@@ -177,7 +178,7 @@ class EnvWorkerPool:
         if max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
         self._env_options = {"camera": camera, "image_size": image_size, **env_options}
-        LiberoEnv(suite, **self._env_options)  # reject bad options here rather than inside every actor
+        make_env(suite, **self._env_options)  # reject bad options here rather than inside every actor
         self.suite = suite
         self.envs_per_worker = envs_per_worker
         self.reset_timeout_s = reset_timeout_s
@@ -239,7 +240,7 @@ class EnvWorkerPool:
             raise ValueError(f"episodes must hold 1 to {self.num_slots} (task_id, init_state_id) pairs, "
                              f"got {len(episodes)}")
         for task_id, init_state_id in episodes:
-            initial_state(self.suite, task_id, init_state_id)  # ValueError for an unknown task or state
+            check_init_state(self.suite, task_id, init_state_id)  # ValueError for an unknown task or state
         self._episodes = []
         slots = self._assign_slots([task_id for task_id, _ in episodes])
         jobs = self._by_worker({index: (slot, *episode, np.zeros((0, ACTION_DIM)))

@@ -22,10 +22,11 @@ def check_policy_path(cfg: PolicySection) -> None:
 
 
 def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpointing: bool = False,
-                 adapters: Path | None = None):
+                 adapters: Path | None = None, state_dim: int = PRIVILEGED_STATE_DIM):
     """The policy named by ``cfg.name``: ``cfg.path`` loads saved weights (required for ``openvla_oft``:
     an OpenVLA-OFT checkpoint folder), else a fresh small VLA from the config sizes and observation mode
-    (seed torch first for reproducible weights; state mode reads LIBERO's privileged state). A saved
+    (seed torch first for reproducible weights; state mode reads ``state_dim`` numbers, the env
+    family's privileged state: ``pcm_train.envs.families.state_dim``). A saved
     policy must have ``cfg.observation``'s mode. LoRA adapters are added when ``cfg.lora_r > 0`` (or
     loaded, trainable, from ``adapters``)."""
     if cfg.name not in POLICIES:
@@ -50,7 +51,7 @@ def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpoin
         policy = SmallVLA(SmallVLAConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                                          num_attention_heads=max(1, cfg.hidden_size // 16),
                                          intermediate_size=2 * cfg.hidden_size, image_size=cfg.image_size,
-                                         observation=cfg.observation, state_dim=PRIVILEGED_STATE_DIM))
+                                         observation=cfg.observation, state_dim=state_dim))
     policy = policy.to(device=device, dtype=getattr(torch, cfg.dtype))
     if adapters is not None:
         policy.load_lora(str(adapters), trainable=True)

@@ -156,8 +156,10 @@ class Trainer:
         cfg, base = self.cfg.policy, self.run_dir / "base_policy"
         gc = self.cfg.actor.gradient_checkpointing
         if resume_from is None:
+            from pcm_train.envs.families import state_dim
+
             policy = build_policy(type(cfg)(**{**vars(cfg), "lora_r": 0}), device=self.device,
-                                  gradient_checkpointing=gc)
+                                  gradient_checkpointing=gc, state_dim=state_dim(self.cfg.env.suite))
             if cfg.path is None and self.dist.is_main:  # adapters and resumes need these starting weights
                 self.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 self._base_staging = Path(tempfile.mkdtemp(dir=self.run_dir.parent,
@@ -178,7 +180,7 @@ class Trainer:
                                        f"({type(error).__name__}: {error})") from error
 
     def _task_ids(self) -> list[int]:
-        from pcm_train.envs.libero import list_tasks
+        from pcm_train.envs.families import list_tasks
 
         available = [t.task_id for t in list_tasks(self.cfg.env.suite)]
         chosen = self.cfg.env.task_ids or available
