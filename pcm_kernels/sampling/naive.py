@@ -13,17 +13,18 @@ def exponential_key(u: float, w: float) -> float:
     return float(torch.clamp(-torch.log(1.0 - u32) / w32, max=3.0e38))
 
 
+def _row_keys(weights, uniforms, num_chunks, n: int) -> list[tuple[float, int]]:
+    """(race key, chunk id) of row ``n``'s eligible chunks (``k < num_chunks[n]``, weight > 0)."""
+    return [(exponential_key(float(uniforms[n, k]), float(weights[n, k])), k)
+            for k in range(weights.shape[1]) if k < int(num_chunks[n]) and float(weights[n, k]) > 0]
+
+
 def sample_rows(weights, uniforms, budget: int, num_chunks):
     """int64 [N, budget]: per row the ``budget`` eligible chunks with the smallest keys, ascending."""
     N, C = weights.shape
     out = torch.full((N, budget), -1, dtype=torch.int64)
     for n in range(N):
-        keys = []
-        for k in range(C):
-            w = float(weights[n, k])
-            if k < int(num_chunks[n]) and w > 0:
-                keys.append((exponential_key(float(uniforms[n, k]), w), k))
-        chosen = sorted(k for _, k in sorted(keys)[:budget])
+        chosen = sorted(k for _, k in sorted(_row_keys(weights, uniforms, num_chunks, n))[:budget])
         out[n, :len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
     return out
 
@@ -39,12 +40,7 @@ def sample_rows_with_weights(weights, uniforms, budget: int, num_chunks):
     index = torch.full((N, budget), -1, dtype=torch.int64)
     ht = torch.zeros((N, budget), dtype=torch.float64)
     for n in range(N):
-        keys = []
-        for k in range(C):
-            w = float(weights[n, k])
-            if k < int(num_chunks[n]) and w > 0:
-                keys.append((exponential_key(float(uniforms[n, k]), w), k))
-        keys.sort()
+        keys = sorted(_row_keys(weights, uniforms, num_chunks, n))
         tau = keys[budget][0] if len(keys) > budget else math.inf
         for j, k in enumerate(sorted(k for _, k in keys[:budget])):
             index[n, j] = k
