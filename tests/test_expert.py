@@ -148,8 +148,8 @@ def test_generate_resumes_and_skips_existing_episodes(tmp_path, monkeypatch):
         calls.append((task_id, init_state_id))
         return fake_episode(task_id, init_state_id, seed=len(calls))
 
-    monkeypatch.setattr(demos, "LiberoEnv", FakeEnv)
-    monkeypatch.setattr(demos, "run_episode", fake_run_episode)
+    monkeypatch.setattr(demos, "make_env", FakeEnv)
+    monkeypatch.setattr(demos.object_expert, "run_episode", fake_run_episode)
     args = ["tasks=[2,5]", f"out={tmp_path}"]
     demos.generate(demos.parse_args(args + ["per_task=1"]))
     assert calls == [(2, 0), (5, 0)]

@@ -301,3 +301,38 @@ def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
         trainer.close()
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert 0 < row["episode_steps_mean"] <= 24 and row["actor/optimizer_steps"] == 1
+
+
+# ----- demonstrations -----
+
+def test_demos_of_the_scripted_policies_replay_and_label_their_grasp(tmp_path, env):
+    """pcm_train.demos suite=metaworld: the stored noisy actions replay the stored episode; clean and executed
+    actions differ on xyz only; the phases are the expert's gripper command (open, then closed)."""
+    from pcm_train.expert import metaworld_expert
+    from pcm_train.tools import demos
+
+    config = demos.parse_args(["suite=metaworld", "per_task=1", "noise=0.2", "tasks=[0,2]", "seed=5",
+                               "max_steps=500", f"out={tmp_path}"])
+    entries = demos.generate(config)
+    assert [entry["task_id"] for entry in entries] == [0, 2] and all(entry["success"] for entry in entries)
+    for task_id in (0, 2):
+        stored = demos.read_episode(tmp_path / demos.episode_file(task_id, 0))
+        with np.load(tmp_path / demos.episode_file(task_id, 0)) as data:
+            assert list(data["phase_names"]) == list(metaworld_expert.PHASES)
+        assert stored.states.shape == (len(stored.actions), STATE_DIM) and stored.init_state_id == 0
+        np.testing.assert_array_equal(stored.actions[:, 3:], stored.clean_actions[:, 3:])
+        assert np.abs(stored.actions[:, :3] - np.clip(stored.clean_actions[:, :3], -1, 1)).max() > 0.1
+        np.testing.assert_array_equal(stored.phases, (stored.clean_actions[:, 6] > 0).astype(np.uint8))
+        assert stored.phases[0] == 0 and stored.phases[-1] == 1
+        first, last, infos = run_actions(env, task_id, 0, stored.actions.astype(np.float64))
+        np.testing.assert_array_equal(first["state"], stored.states[0])
+        assert infos[-1][1]  # the replay succeeds on the same step
+        assert sum(info[3] for info in infos) == len(stored.actions)
+
+
+def test_demos_reject_grasp_noise_for_metaworld(tmp_path):
+    from pcm_train.config import ConfigError
+    from pcm_train.tools import demos
+
+    with pytest.raises(ConfigError, match="grasp_noise is a LIBERO expert option"):
+        demos.parse_args(["suite=metaworld", "grasp_noise=0.01", f"out={tmp_path}"])

@@ -28,6 +28,11 @@ def list_tasks(suite: str) -> list:
     return _family(suite).list_tasks(suite)
 
 
+def num_init_states(suite: str, task_id: int) -> int:
+    """How many initial states (LIBERO) or placements (MetaWorld) the task has."""
+    return _family(suite).num_init_states(suite, task_id)
+
+
 def check_init_state(suite: str, task_id: int, init_state_id: int) -> None:
     """ValueError naming the task or initial state when the suite has no such prompt."""
     if _family(suite) is metaworld:

@@ -386,11 +386,20 @@ class ScriptedExpert:
         self.action_noise = action_noise
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def act(self, raw_obs: np.ndarray) -> np.ndarray:
+    def clean_act(self, raw_obs: np.ndarray) -> np.ndarray:
+        """float64 [7]: the scripted policy's noise-free action."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Constant(s) may be too high": MetaWorld clips the action itself
             native = np.asarray(self._policy.get_action(np.asarray(raw_obs, dtype=np.float64)), dtype=np.float64)
-        action = from_native_actions(native, self.spec)
+        return from_native_actions(native, self.spec)
+
+    def act(self, raw_obs: np.ndarray) -> np.ndarray:
+        """float64 [7]: ``clean_act`` plus the xyz noise."""
+        return self.add_noise(self.clean_act(raw_obs))
+
+    def add_noise(self, clean: np.ndarray) -> np.ndarray:
+        """A copy of the action float [7] with Gaussian ``action_noise`` on xyz, clipped to [-1, 1]."""
+        action = np.array(clean, dtype=np.float64)
         if self.action_noise > 0:
             action[:3] = np.clip(action[:3] + self.action_noise * self.rng.standard_normal(3), -1.0, 1.0)
         return action

@@ -62,7 +62,7 @@ from ray.exceptions import (GetTimeoutError, LocalRayletDiedError, NodeDiedError
                             RayActorError, RayError, RaySystemError, RayTaskError, TaskCancelledError,
                             WorkerCrashedError)
 
-from .families import check_init_state, make_env
+from .families import check_init_state, list_tasks, make_env
 from .libero import ACTION_DIM
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,10 @@ class EnvWorkerPool:
     def num_slots(self) -> int:
         """Most episodes a batch can hold: num_workers * envs_per_worker."""
         return len(self._workers) * self.envs_per_worker
+
+    def language(self, task_id: int) -> str:
+        """The instruction of the suite's task ``task_id`` (what its envs return as ``obs["language"]``)."""
+        return list_tasks(self.suite)[task_id].language
 
     @property
     def closed(self) -> bool:

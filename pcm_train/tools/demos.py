@@ -1,13 +1,17 @@
-"""Write scripted-expert demonstrations of LIBERO-Object to disk.
+"""Write scripted-expert demonstrations of LIBERO-Object or MetaWorld to disk.
 
-    python -m pcm_train.demos suite=libero_object per_task=N noise=SIGMA images=true|false out=DIR \\
+    python -m pcm_train.demos suite=libero_object|metaworld per_task=N noise=SIGMA images=true|false out=DIR \\
         [tasks=[0,3]] [seed=S] [grasp_noise=METRES] [image_size=32] [max_steps=512] [val_init_states=10]
+
+The experts: LIBERO-Object's scripted pick-and-place (``pcm_train.expert.object_expert``),
+MetaWorld's own scripted policies (``pcm_train.expert.metaworld_expert``; noise on xyz only,
+no ``grasp_noise``).
 
 Episode k (0 <= k < per_task) of task t starts from training initial state
 ``k % (50 - val_init_states)`` (the last ``val_init_states`` are the trainer's
 held-out validation states) and draws its noise from
 ``np.random.default_rng([seed, t, k])``, so any episode can be regenerated
-alone. ``noise`` is the expert's Gaussian action noise σ on dims 0-5,
+alone. ``noise`` is the expert's Gaussian action noise σ on dims 0-5 (MetaWorld: 0-2),
 ``grasp_noise`` the σ (metres) of its grasp-point noise. Episodes end at success
 (as LiberoEnv and LIBERO evaluation do), at ``max_steps``, or when the script
 has retreated after releasing. Resumable: episodes whose file exists are
@@ -17,13 +21,14 @@ On-disk format (``DIR/``):
 
 - ``task{t:02d}_ep{k:03d}.npz``, one per episode, T = executed steps:
 
-  - ``state`` float32 [T, 36]: privileged state before each action (eef pos 3,
-    eef axis-angle 3, finger qpos 2, then pos + quat xyzw of the target object
-    and the basket, zero-padded to 4 objects); the first 8 are the proprio state
+  - ``state`` float32 [T, state_dim]: privileged state before each action (LIBERO,
+    36: eef pos 3, eef axis-angle 3, finger qpos 2, then pos + quat xyzw of the
+    target object and the basket, zero-padded to 4 objects; the first 8 are the
+    proprio state. MetaWorld, 39: its observation, ``pcm_train.envs.metaworld``)
   - ``image`` uint8 [T, image_size, image_size, 3]: agentview before each
     action, as LiberoEnv returns it (only with images=true)
-  - ``action`` float32 [T, 7]: executed env-space actions (OSC_POSE deltas in
-    [-1, 1], gripper -1 open / +1 close)
+  - ``action`` float32 [T, 7]: executed env-space actions (LIBERO: OSC_POSE deltas in
+    [-1, 1]; MetaWorld: xyz deltas, rotation 0; gripper -1 open / +1 close)
   - ``clean_action`` float32 [T, 7]: the expert's noise-free actions
   - ``gripper`` float32 [T]: executed gripper command (= ``action[:, 6]``)
   - ``phase`` uint8 [T]: index into ``phase_names`` (str [P]) of the expert's phase
@@ -51,11 +56,12 @@ from tqdm import tqdm
 
 from pcm_train.cli import run_command
 from pcm_train.config import ConfigError, EnvSection, apply_overrides
-from pcm_train.envs.libero import SUITES, LiberoEnv, list_tasks, num_init_states
-from pcm_train.expert import PHASES, Episode, run_episode
+from pcm_train.envs.families import SUITES, list_tasks, make_env, num_init_states
+from pcm_train.expert import Episode, metaworld_expert, object_expert
 
 FORMAT = "pcm-demos/1"
-EXPERT_SUITES = ("libero_object",)
+EXPERTS = {"libero_object": object_expert, "metaworld": metaworld_expert}  # suite -> module with PHASES, run_episode
+EXPERT_SUITES = tuple(EXPERTS)
 INDEX_FILE = "index.json"
 
 
@@ -92,6 +98,9 @@ def parse_args(argv: list[str]) -> DemoConfig:
         raise ConfigError("out=DIR is required")
     if config.per_task < 1:
         raise ConfigError(f"per_task must be >= 1, got {config.per_task}")
+    if config.suite == "metaworld" and config.grasp_noise:
+        raise ConfigError(f"grasp_noise is a LIBERO expert option; MetaWorld's scripted policies take only noise, "
+                          f"got grasp_noise={config.grasp_noise}")
     if not config.noise >= 0.0 or not config.grasp_noise >= 0.0:
         raise ConfigError(f"noise and grasp_noise must be >= 0, got noise={config.noise}, "
                           f"grasp_noise={config.grasp_noise}")
@@ -114,10 +123,11 @@ def episode_file(task_id: int, episode: int) -> str:
     return f"task{task_id:02d}_ep{episode:03d}.npz"
 
 
-def write_episode(path: Path, episode: Episode) -> None:
+def write_episode(path: Path, episode: Episode, phase_names: tuple[str, ...] = object_expert.PHASES) -> None:
     """Save an expert Episode to ``path`` (.npz) atomically: a temporary file, then a rename."""
     arrays = {"state": episode.states, "action": episode.actions, "clean_action": episode.clean_actions,
-              "gripper": episode.actions[:, 6].copy(), "phase": episode.phases, "phase_names": np.array(PHASES),
+              "gripper": episode.actions[:, 6].copy(), "phase": episode.phases,
+              "phase_names": np.array(phase_names),
               "language": np.array(episode.language), "success": np.array(episode.success),
               "task_id": np.array(episode.task_id, dtype=np.int64),
               "init_state_id": np.array(episode.init_state_id, dtype=np.int64),
@@ -186,17 +196,19 @@ def generate(config: DemoConfig) -> list[dict]:
     if config.per_task > train_states and config.noise == 0.0 and config.grasp_noise == 0.0:
         print(f"note: per_task={config.per_task} > {train_states} training states without noise repeats "
               "identical episodes", file=sys.stderr)
-    env = LiberoEnv(config.suite, camera=config.images, image_size=config.image_size, privileged_state=True,
-                    max_steps=config.max_steps)
+    expert = EXPERTS[config.suite]
+    env = make_env(config.suite, camera=config.images, image_size=config.image_size, privileged_state=True,
+                   max_steps=config.max_steps)
     successes = 0
     try:
         progress = tqdm(missing, total=len(plan), initial=len(plan) - len(missing), desc="demos", unit="episode")
         for done, (task, episode_index) in enumerate(progress, start=1):
-            expert_kwargs = {"action_noise": config.noise, "grasp_noise": config.grasp_noise,
-                             "rng": np.random.default_rng([config.seed, task, episode_index])}
-            episode = run_episode(env, task, episode_index % train_states, expert_kwargs,
-                                  max_steps=config.max_steps, record_images=config.images)
-            write_episode(out / episode_file(task, episode_index), episode)
+            expert_kwargs = {"action_noise": config.noise, "rng": np.random.default_rng([config.seed, task, episode_index])}
+            if config.suite != "metaworld":
+                expert_kwargs["grasp_noise"] = config.grasp_noise
+            episode = expert.run_episode(env, task, episode_index % train_states, expert_kwargs,
+                                         max_steps=config.max_steps, record_images=config.images)
+            write_episode(out / episode_file(task, episode_index), episode, expert.PHASES)
             successes += episode.success
             progress.set_postfix(task=task, success=f"{successes}/{done}")
     finally:
