@@ -218,6 +218,7 @@ class EnvSection:
     val_init_states: int = 10  # the last N of each task's 50 initial states are held out for validation
     camera: bool = True  # False: state observations, no rendering (state-mode policies only)
     num_workers: int = 0  # Ray env workers; 0 = one per CPU core
+    max_slots: int = 32  # envs in flight at once over all workers; a bigger batch runs in waves (env reuse)
     ray_address: Optional[str] = None  # None = start Ray locally; "auto" or an address = join a cluster
     step_timeout_s: float = 120.0  # a worker silent this long is restarted
     ray_dashboard: bool = False  # Ray's dashboard when the run starts Ray (it costs CPU on small machines)
@@ -228,6 +229,7 @@ class EnvSection:
             raise ConfigError(f"{prefix}.task_ids must be null or a non-empty list of ids >= 0, got {self.task_ids}")
         _within(f"{prefix}.val_init_states", self.val_init_states, 1, 49)
         _at_least(f"{prefix}.num_workers", self.num_workers, 0)
+        _at_least(f"{prefix}.max_slots", self.max_slots, 1)
         _above(f"{prefix}.step_timeout_s", self.step_timeout_s, 0.0)
 
 

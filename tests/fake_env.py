@@ -10,7 +10,9 @@ from pcm_train.envs.workers import ChunkResult
 
 
 class FakePool:
-    def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512, state_dim=8):
+    def __init__(self, cfg=None, *, image_size=32, close_steps=20, max_steps=512, state_dim=8, num_slots=None):
+        if num_slots is not None:  # otherwise a batch of any size is in flight at once
+            self.num_slots = num_slots
         self.image_size = image_size
         self.state_dim = state_dim
         self.close_steps = close_steps
@@ -24,9 +26,13 @@ class FakePool:
         rng = np.random.default_rng(task * 1000 + init * 10 + steps)
         image = rng.integers(0, 256, (self.image_size, self.image_size, 3), dtype=np.uint8)
         state = rng.standard_normal(self.state_dim).astype(np.float32)
-        return {"image": image, "language": f"put object {task} in the basket", "state": state}
+        return {"image": image, "language": self.language(task), "state": state}
+
+    def language(self, task_id):
+        return f"put object {task_id} in the basket"
 
     def reset(self, episodes):
+        assert len(episodes) <= getattr(self, "num_slots", len(episodes)), "more episodes than env slots"
         self.resets += 1
         self.episodes = [[t, s, 0, 0] for t, s in episodes]
         return [self._obs(e) for e in range(len(episodes))]

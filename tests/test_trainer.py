@@ -50,6 +50,43 @@ def test_rollout_batch_layout():
     assert list(batch.non_tensor_batch["uid"]) == ["a", "a", "b"]
 
 
+def test_rollout_in_waves_equals_one_batch_in_flight():
+    """Env reuse: a pool with 3 slots runs 7 episodes in 3 waves, each slot reset to its next episode; greedy
+    rollouts equal those of a pool holding all 7 at once, with the prompts padded alike."""
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    episodes = [Episode(task, state, f"{task}") for task, state in [(0, 1), (0, 1), (0, 2), (12, 3), (12, 3),
+                                                                      (1, 4), (1, 5)]]
+    batches, pools = [], []
+    for slots in (None, 3):
+        pools.append(FakePool(image_size=16, close_steps=10, max_steps=40, num_slots=slots))
+        batches.append(collect_rollouts(policy, pools[-1], episodes, max_chunks=5, temperature=1.6, greedy=True))
+    assert [pool.resets for pool in pools] == [1, 3]
+    whole, waves = batches
+    assert whole.batch["input_ids"].shape[-1] != policy.encode_prompts(["put object 0 in the basket"])[0].shape[-1]
+    for key in whole.batch.keys():
+        torch.testing.assert_close(waves.batch[key], whole.batch[key], rtol=0, atol=1e-6, msg=key)
+    assert list(waves.non_tensor_batch["uid"]) == [e.uid for e in episodes]
+    assert list(waves.non_tensor_batch["task_id"]) == [e.task_id for e in episodes]
+
+
+def test_rollout_waves_check_the_pools_prompts():
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    class WrongLanguagePool(FakePool):
+        def _obs(self, e):
+            return {**super()._obs(e), "language": "another instruction"}
+
+    pool = WrongLanguagePool(image_size=16, num_slots=1)
+    with pytest.raises(RuntimeError, match="pool.language"):
+        collect_rollouts(policy, pool, [Episode(0, 1, "a"), Episode(1, 1, "b")], max_chunks=2, temperature=1.6)
+
+
 @pytest.mark.parametrize("strategy", ["full", "random", "top_phase", "pcm"])
 def test_two_steps_write_metrics_checkpoint_and_report(tmp_path, strategy):
     trainer = _trainer(tmp_path, f"pcm.strategy={strategy}")

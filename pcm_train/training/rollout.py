@@ -21,7 +21,12 @@ from verl import DataProto
 class EnvPool(Protocol):
     """What a rollout needs from a set of parallel environments (see ``pcm_train.envs.workers``)."""
 
+    num_slots: int  # episodes the pool holds at once (optional: without it, all of a batch)
+
     def reset(self, episodes: Sequence[tuple[int, int]]) -> list[dict]: ...
+
+    def language(self, task_id: int) -> str:
+        """The task's instruction (needed only when a batch has more episodes than slots)."""
 
     def step_chunk(self, actions: np.ndarray, active: np.ndarray):
         """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode)."""
@@ -48,16 +53,44 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     ``gripper`` float [E, C, L], the executed env-space gripper commands). ``pixel_values`` is float
     [E, C, *row] with row = the policy's input per chunk ([C, H, W] images or [state_dim] states).
 
+    Env reuse: a pool with fewer env slots (``pool.num_slots``) than episodes runs them in waves of
+    at most that many, in order; each slot is reset to its next episode, so memory is bounded by the
+    slots, not the batch.
+
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
     ``StopRequested`` (a half-recorded batch is never returned)."""
     if not episodes:
         raise ValueError("episodes must not be empty")
+    slots = getattr(pool, "num_slots", len(episodes))
+    if len(episodes) <= slots:
+        return _collect_wave(policy, pool, episodes, None, max_chunks=max_chunks, temperature=temperature,
+                             greedy=greedy, generator=generator, desc=desc, should_stop=should_stop)
+    # One prompt encoding for the whole batch: every wave acts on the padding its rows are stored with.
+    prompts = policy.encode_prompts([pool.language(e.task_id) for e in episodes])
+    starts = range(0, len(episodes), slots)
+    return DataProto.concat([
+        _collect_wave(policy, pool, episodes[start:start + slots], [p[start:start + slots] for p in prompts],
+                      max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
+                      desc=f"{desc} {wave + 1}/{len(starts)}", should_stop=should_stop)
+        for wave, start in enumerate(starts)])
+
+
+def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *, max_chunks: int,
+                  temperature: float, greedy: bool, generator: torch.Generator | None, desc: str,
+                  should_stop) -> DataProto:
+    """``collect_rollouts`` for at most ``pool.num_slots`` episodes, all in flight at once; ``prompts``:
+    their (input_ids, attention_mask), or None to encode the languages the envs return."""
     cfg = policy.config
     L, D = cfg.action_chunk, cfg.action_dim
     A, C, E = L * D, max_chunks, len(episodes)
     device = policy.device
     observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
-    input_ids, attention_mask = policy.encode_prompts([o["language"] for o in observations])
+    languages = [o["language"] for o in observations]
+    if prompts is None:
+        prompts = policy.encode_prompts(languages)
+    elif languages != [pool.language(e.task_id) for e in episodes]:
+        raise RuntimeError(f"the envs returned prompts {languages} but pool.language gave others")
+    input_ids, attention_mask = prompts
     P = input_ids.shape[1]
     current = policy.observations_to_inputs(observations)
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)

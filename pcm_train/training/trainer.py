@@ -30,7 +30,8 @@ NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
 
 
 def make_env_pool(cfg: PCMTrainConfig, image_size: int):
-    """Ray env workers for the run: one per core by default, enough env slots for a step or a validation.
+    """Ray env workers for the run: one per core by default, with env slots for a step or a validation,
+    at most ``env.max_slots`` of them (a bigger batch then runs in waves, each slot reused).
 
     ``policy.observation=image`` needs ``env.camera=true`` (rendered images); ``state`` needs
     ``env.camera=false`` (camera-less envs with the privileged state). Raises ValueError otherwise."""
@@ -44,10 +45,12 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
         raise ValueError(f"policy.observation={cfg.policy.observation} needs env.camera={str(not state_mode).lower()} "
                          "(state mode runs camera-less envs, image mode renders; see docs/state_mode.md)")
     workers = cfg.env.num_workers or os.cpu_count() or 1
-    episodes = max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes)
-    return EnvWorkerPool(min(workers, episodes), cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
+    slots = min(max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes),
+                cfg.env.max_slots)
+    workers = min(workers, slots)
+    return EnvWorkerPool(workers, cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
                          privileged_state=state_mode,
-                         envs_per_worker=math.ceil(episodes / min(workers, episodes)), ray_address=cfg.env.ray_address,
+                         envs_per_worker=math.ceil(slots / workers), ray_address=cfg.env.ray_address,
                          step_timeout_s=cfg.env.step_timeout_s, owner_dir=cfg.resume or cfg.trainer.output_dir,
                          dashboard=cfg.env.ray_dashboard,
                          max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,
