@@ -3,7 +3,8 @@
 Runs are ``{variant: {seed: rows}}`` where rows are a run's ``metrics.jsonl``. Success for the
 target test is the training success rate averaged over the last ``smooth`` steps (the paper
 validates every step on 50 rollouts; a step here has 16). Training time is rollout + update
-+ selection, without validation.
++ selection, without validation. Intervals are 95% Student-t intervals over seeds, variants paired by
+seed (``study_stats``).
 """
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ import numpy as np  # noqa: E402
 from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.training.metrics_log import read_metrics  # noqa: E402
 from pcm_train.tools.report import save_figure  # noqa: E402
+from pcm_train.tools.study_stats import (claims, curve_band, paired_difference, smoothed,  # noqa: E402
+                                         success_at, t_band, target_index, to_target, train_seconds)
 
 MIB = 2 ** 20
+REFERENCES = ("full", "frozen")  # every variant's paired difference is taken to these
+FRACTIONS = (0.25, 0.5, 1.0)  # success is reported after these fractions of the common horizon
 
 
 def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[dict]]]:
@@ -40,25 +45,10 @@ def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[di
     return runs
 
 
-def smoothed(values: list[float], window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` values (fewer at the start)."""
-    values = np.asarray(values, dtype=float)
-    sums = np.cumsum(np.insert(values, 0, 0.0))
-    idx = np.arange(1, len(values) + 1)
-    start = np.maximum(idx - window, 0)
-    return (sums[idx] - sums[start]) / (idx - start)
-
-
-def train_seconds(rows: list[dict]) -> np.ndarray:
-    """Cumulative training time after each step (step time without validation), seconds."""
-    return np.cumsum([r["step_time_s"] - (r.get("val_time_s") or 0.0) for r in rows])
-
-
 def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
     """Per-run figures: when the smoothed training success first reaches ``target``, and costs."""
     success = smoothed([r["success_rate"] for r in rows], smooth)
-    reached = np.flatnonzero(success >= target)
-    first = int(reached[0]) if reached.size else None
+    first = target_index(rows, target, smooth)
     update = np.cumsum([r["update_time_s"] for r in rows])
     wall = train_seconds(rows)
     val = [r for r in rows if r.get("val/success_rate") is not None]
@@ -108,6 +98,55 @@ def summarize(runs, target: float, smooth: int) -> dict[str, dict]:
     return out
 
 
+def variant_stats(runs, horizon: int, target: float, smooth: int) -> dict[str, dict]:
+    """Per variant, over the common horizon: paired differences of training success to each of REFERENCES
+    over all its steps and over its second half; success after FRACTIONS of it (mean of the last ``smooth``
+    steps); steps and minutes to ``target``. All with 95% t-intervals over seeds."""
+    runs = {variant: {seed: rows[:horizon] for seed, rows in seeds.items()} for variant, seeds in runs.items()}
+    return {variant: {
+        **{f"vs_{ref}": {"horizon": paired_difference(runs, variant, ref, horizon),
+                        "second_half": paired_difference(runs, variant, ref, horizon, horizon // 2)}
+           for ref in REFERENCES if ref != variant},
+        "success_at": [success_at(runs, variant, max(1, round(f * horizon)), smooth) for f in FRACTIONS],
+        "to_target": to_target(runs, variant, target, smooth)} for variant in runs}
+
+
+def _interval(d: dict | None, fmt: str = "+.3f") -> str:
+    """``mean [low, high]``; "—" without paired seeds, the mean alone with one seed."""
+    if d is None or not math.isfinite(d["mean"]):
+        return "—"
+    text = format(d["mean"], fmt)
+    return text + f" [{d['low']:{fmt}}, {d['high']:{fmt}}]" if math.isfinite(d["low"]) else text
+
+
+def paired_table(stats: dict) -> str:
+    """Each variant's paired difference of training success to full and to frozen, whole horizon and second half."""
+    lines = ["| variant | vs full | vs frozen | vs full, 2nd half | vs frozen, 2nd half | seeds (full / frozen) |",
+             "|" + "---|" * 6]
+    for variant, st in stats.items():
+        full, frozen = st.get("vs_full"), st.get("vs_frozen")
+        seeds = " / ".join("—" if d is None else str(d["horizon"]["seeds"]) for d in (full, frozen))
+        cells = [_interval(d and d[part]) for part in ("horizon", "second_half") for d in (full, frozen)]
+        lines.append(f"| {variant} | {' | '.join(cells)} | {seeds} |")
+    return "\n".join(lines)
+
+
+def success_table(stats: dict) -> str:
+    """Training success after fixed numbers of steps, per variant."""
+    first = next(iter(stats.values()))["success_at"]
+    lines = ["| variant | " + " | ".join(f"after {s['step']} steps" for s in first) + " |",
+             "|" + "---|" * (len(first) + 1)]
+    lines += [f"| {variant} | " + " | ".join(_interval(s, ".2f") for s in st["success_at"]) + " |"
+              for variant, st in stats.items()]
+    return "\n".join(lines)
+
+
+def claims_section(claim_list: list[dict]) -> list[str]:
+    """One line per claim: the difference it rests on, its interval, seeds and verdict."""
+    return [f"- ({c['id']}) {c['claim']}: {c['variant']} − {c['reference']} = {_interval(c)}, "
+            f"{c['seeds']} seeds → **{c['verdict']}**" for c in claim_list]
+
+
 def _cell(stat: dict, fmt: str, of: int | None = None) -> str:
     if stat["mean"] is None:
         return "not reached" if of else "—"
@@ -150,24 +189,24 @@ def cost_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _band(ax, xs: list[np.ndarray], ys: list[np.ndarray], label: str) -> None:
-    """Mean line over seeds with a min-max band, on the steps every seed has."""
-    n = min(len(y) for y in ys)
-    x = np.mean([x[:n] for x in xs], axis=0)
-    y = np.array([y[:n] for y in ys])
-    (line,) = ax.plot(x, y.mean(0), label=label)
-    if len(ys) > 1:
-        ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.15)
+def _band(ax, x: np.ndarray, band, label: str) -> None:
+    """Mean line over seeds with its band; ``band`` is ``(mean, low, high)`` (a t-band: none with one seed)."""
+    mean, low, high = band
+    (line,) = ax.plot(x, mean, label=label)
+    if np.isfinite(low).any():
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
 
 
 def fig_success(runs, out: Path, target: float, smooth: int) -> Path:
-    """Fig. 3: smoothed training success vs step and vs training wall-clock; validation as markers."""
+    """Fig. 3: smoothed training success vs step and vs training wall-clock (mean over seeds, 95% t-band
+    across seeds, on the steps every seed of the variant has); validation as markers."""
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.2))
     for variant, seeds in runs.items():
         rows_list = list(seeds.values())
-        ys = [smoothed([r["success_rate"] for r in rows], smooth) for rows in rows_list]
-        _band(by_step, [np.arange(1, len(r) + 1) for r in rows_list], ys, variant)
-        _band(by_time, [train_seconds(r) / 60 for r in rows_list], ys, variant)
+        n = min(len(rows) for rows in rows_list)
+        band = curve_band(runs, variant, n, smooth)
+        _band(by_step, np.arange(1, n + 1), band, variant)
+        _band(by_time, np.mean([train_seconds(rows[:n]) for rows in rows_list], 0) / 60, band, variant)
         color = by_step.get_lines()[-1].get_color()
         for rows in rows_list:
             val = [(r["step"] + 1, r["val/success_rate"]) for r in rows if r.get("val/success_rate") is not None]
@@ -176,19 +215,20 @@ def fig_success(runs, out: Path, target: float, smooth: int) -> Path:
     for ax in (by_step, by_time):
         ax.axhline(target, color="grey", lw=0.8, ls="--")
         ax.set(ylim=(-0.02, 1.02), ylabel=f"training success ({smooth}-step mean)")
-    by_step.set(xlabel="step", title="success vs step (▲ greedy validation)")
+    by_step.set(xlabel="step", title="success vs step (band: 95% t over seeds; ▲ greedy validation)")
     by_time.set(xlabel="training wall-clock (min, validation excluded)", title="success vs wall-clock")
     by_step.legend(fontsize=8)
     return save_figure(fig, out / "fig3_success.png", dpi=100)
 
 
 def fig_update_cost(runs, summary, out: Path) -> Path:
-    """Fig. 4: cumulative actor-update time over steps; activation memory of the update."""
+    """Fig. 4: cumulative actor-update time over steps (95% t-band over seeds); activation memory of the update."""
     fig, (cum, mem) = plt.subplots(1, 2, figsize=(12, 4.2))
     for variant, seeds in runs.items():
         rows_list = list(seeds.values())
-        _band(cum, [np.arange(1, len(r) + 1) for r in rows_list],
-              [np.cumsum([r["update_time_s"] for r in rows]) for rows in rows_list], variant)
+        n = min(len(rows) for rows in rows_list)
+        _band(cum, np.arange(1, n + 1),
+              t_band([np.cumsum([r["update_time_s"] for r in rows[:n]]) for rows in rows_list]), variant)
     cum.set(xlabel="step", ylabel="cumulative actor-update time (s)", title="actor-update time")
     cum.legend(fontsize=8)
     names = list(summary)
@@ -279,7 +319,8 @@ def _json_safe(value):
     return value
 
 
-def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, figures: list[Path]) -> str:
+def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, figures: list[Path], *,
+         stats: dict, claim_list: list[dict], margin: float) -> str:
     machine, versions = facts["machine"], facts["versions"]
     per_run = ["| variant | seed | steps run | steps to target | train min | final success | final val |",
                "|" + "---|" * 7]
@@ -295,6 +336,20 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         f"Tables use the first {horizon} steps of every run (the shortest run's length; "
         "the figures show every step). Runs still in progress are left out until complete.", "",
         "## Table 1 analogue", "", table_one(summary, target), "",
+        "## Paired differences", "",
+        "Training success of the variant minus the reference, per seed averaged over the steps, then a 95% "
+        f"Student-t interval over seeds (the seed is the unit: both runs of a seed see the same prompts). "
+        f"Whole horizon: steps 1–{horizon}; 2nd half: steps {horizon // 2 + 1}–{horizon}.", "",
+        paired_table(stats), "",
+        "## Success at fixed steps", "",
+        f"Training success, mean of the last {smooth} steps, with a 95% t-interval over seeds.", "",
+        success_table(stats), "",
+        "## Claims", "",
+        f"On the paired differences over the 2nd half (steps {horizon // 2 + 1}–{horizon}). (a) holds if the "
+        "interval is above 0, does not hold if below. (b) holds if the interval lies within "
+        f"±{margin:g}, does not hold if below −{margin:g}. (c), (d) hold if the interval is below 0, do not "
+        "hold if above. Anything else, or fewer than 2 seeds, is inconclusive; (b)–(d) need (a).", "",
+        *claims_section(claim_list), "",
         "## Cost of a step", "", cost_table(summary), "",
         "## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "",
         "## Runs", "", *per_run, "",
@@ -310,15 +365,21 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         ""])
 
 
-def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict) -> list[Path]:
-    """Writes ``out/study.md``, ``out/study.json`` and the figures; returns their paths."""
+def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict, margin: float = 0.05) -> list[Path]:
+    """Writes ``out/study.md``, ``out/study.json`` and the figures; returns their paths. ``margin``: how far
+    PCM may fall below full and still match it (claim (b))."""
     if not runs:
         raise ValueError("no study runs with metrics yet; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs, target, smooth)
+    horizon = common_horizon(runs)
+    summary, stats = summarize(runs, target, smooth), variant_stats(runs, horizon, target, smooth)
+    claim_list = claims(runs, horizon, horizon // 2, margin)
     figures = [fig_success(runs, out, target, smooth), fig_update_cost(runs, summary, out),
                fig_budget_ablation(summary, out), fig_allocation(runs, out), fig_time_split(summary, out)]
-    (out / "study.md").write_text(page(summary, facts, target, smooth, common_horizon(runs), figures))
-    (out / "study.json").write_text(json.dumps(_json_safe({"summary": summary, "horizon": common_horizon(runs),
-                                                           "setup": facts}), indent=1))
+    (out / "study.md").write_text(page(summary, facts, target, smooth, horizon, figures, stats=stats,
+                                       claim_list=claim_list, margin=margin))
+    (out / "study.json").write_text(json.dumps(_json_safe(
+        {"summary": summary, "horizon": horizon, "stats": stats, "claims": claim_list,
+         "stats_options": {"level": 0.95, "margin": margin, "success_window": smooth}, "setup": facts}),
+        indent=1, allow_nan=False))
     return [out / "study.md", out / "study.json", *figures]
