@@ -187,6 +187,7 @@ class TrainerSection:
     output_dir: Optional[str] = None  # None = a new runs/<date>-<time>-<strategy> directory
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:<index>"
+    num_threads: int = 0  # torch CPU threads of the trainer process; 0 = torch's default (env workers use 1)
     overwrite: bool = False  # a fresh run may replace a non-empty output_dir (else it refuses)
     allow_partial_log: bool = False  # resume although metrics.jsonl lacks steps before the checkpoint
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of LOGGERS (metrics.jsonl always)
@@ -198,6 +199,7 @@ class TrainerSection:
         _at_least(f"{prefix}.val_every", self.val_every, 0)
         _at_least(f"{prefix}.save_every", self.save_every, 0)
         _at_least(f"{prefix}.val_episodes", self.val_episodes, 1)
+        _at_least(f"{prefix}.num_threads", self.num_threads, 0)
         if self.output_dir is not None and not self.output_dir.strip():
             raise ConfigError(f"{prefix}.output_dir must be a path or null, got an empty string")
         _at_least(f"{prefix}.seed", self.seed, 0)

@@ -336,3 +336,34 @@ def test_demos_reject_grasp_noise_for_metaworld(tmp_path):
 
     with pytest.raises(ConfigError, match="grasp_noise is a LIBERO expert option"):
         demos.parse_args(["suite=metaworld", "grasp_noise=0.01", f"out={tmp_path}"])
+
+
+# ----- evaluating a saved policy -----
+
+def test_evaluate_rolls_out_held_out_placements_in_waves(tmp_path):
+    """pcm_train.evaluate on MetaWorld: held-out placements 40.., episodes through 1-slot waves, per-task counts,
+    the JSON file; a bad policy path is refused naming the key."""
+    from pcm_train.config import ConfigError
+    from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
+    from pcm_train.tools import evaluate
+
+    torch.manual_seed(0)
+    SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32,
+                            observation="state", state_dim=STATE_DIM)).save_pretrained(str(tmp_path / "policy"))
+    assert evaluate.main([f"policy={tmp_path / 'policy'}", "suite=metaworld", "tasks=[1,3]", "per_task=2",
+                          "max_chunks=2", "workers=1", "max_slots=1", f"json={tmp_path / 'eval.json'}"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["tasks"] == {"1": [0, 2], "3": [0, 2]}  # 16 random steps never succeed
+    assert result["success"] == 0.0 and result["interval"][0] == 0.0 and 0.3 < result["interval"][1] < 0.5
+    with pytest.raises(ConfigError, match="policy=DIR"):
+        evaluate.parse_args([f"policy={tmp_path}", "suite=metaworld"])
+    with pytest.raises(ConfigError, match=r"tasks must be .* in \[0, 4\)"):
+        evaluate.parse_args([f"policy={tmp_path / 'policy'}", "suite=metaworld", "tasks=[4]"])
+
+
+def test_wilson_interval():
+    from pcm_train.tools.evaluate import wilson_interval
+
+    low, high = wilson_interval(8, 20)  # Wilson's 95% interval for 8 / 20: 0.219-0.613
+    assert abs(low - 0.2188) < 1e-3 and abs(high - 0.6134) < 1e-3
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0

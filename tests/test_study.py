@@ -120,8 +120,9 @@ def test_default_init_is_the_committed_sft_policy(monkeypatch):
     from pathlib import Path
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     options, _ = study.parse_args([])
-    assert options.init == study.INIT_POLICY and options.variants == list(study.VARIANTS)
-    assert "policy.path=" + str(Path(study.INIT_POLICY).resolve()) in study.run_overrides(options, "pcm", 0, [])
+    init = study.SUITE_DEFAULTS["libero_object"]["init"]
+    assert options.init == init and options.variants == list(study.VARIANTS)
+    assert "policy.path=" + str(Path(init).resolve()) in study.run_overrides(options, "pcm", 0, [])
 
 
 def test_report_only_needs_runs(tmp_path):

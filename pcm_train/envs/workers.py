@@ -52,6 +52,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,10 +117,23 @@ class _Episode:
         return np.concatenate(self.actions) if self.actions else np.zeros((0, ACTION_DIM))
 
 
+# Simulators step on one core: numeric libraries in an env worker get one thread each, so workers sharing a
+# machine with the trainer never oversubscribe its cores.
+SINGLE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _single_threaded() -> None:
+    """Limit this process's numeric libraries to one thread (torch too, when an env imported it)."""
+    os.environ.update(SINGLE_THREAD_ENV)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
 class _EnvWorker:
     """Ray actor body: a few LiberoEnvs in one process, addressed by local slot."""
 
     def __init__(self, suite: str, num_envs: int, env_options: dict):
+        _single_threaded()
         self._envs = [make_env(suite, **env_options) for _ in range(num_envs)]
 
     def pid(self) -> int:
@@ -205,7 +219,8 @@ class EnvWorkerPool:
                 raise ValueError(f"num_workers={num_workers} x cpus_per_worker={cpus_per_worker} exceeds the "
                                  f"{cpus:g} free CPUs of the Ray cluster; lower cpus_per_worker (e.g. 0.5) to "
                                  "share cores")
-            self._actor_class = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_EnvWorker)
+            self._actor_class = ray.remote(num_cpus=cpus_per_worker, max_restarts=0,
+                                           runtime_env={"env_vars": SINGLE_THREAD_ENV})(_EnvWorker)
             self._workers = [self._new_worker() for _ in range(num_workers)]
             self._slot_task: list[int | None] = [None] * self.num_slots  # task each env was last reset to
         except BaseException:

@@ -59,10 +59,11 @@ def libero_batch(args):
     from pcm_train.algorithm.grpo import grpo_advantages, token_mask
     from pcm_train.policies.factory import build_policy
     from pcm_train.training.rollout import Episode, collect_rollouts
-    from pcm_train.tools.study import INIT_POLICY, STUDY_SETTINGS
+    from pcm_train.tools.study import SUITE_DEFAULTS
     from pcm_train.training.trainer import NUM_INIT_STATES, make_env_pool
 
-    cfg = load_config([*STUDY_SETTINGS, f"policy.path={INIT_POLICY}",
+    libero = SUITE_DEFAULTS["libero_object"]
+    cfg = load_config([f"preset={libero['preset']}", f"policy.path={libero['init']}",
                        f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
                        "actor.ppo_mini_batch=1", f"trainer.seed={args.seed}",
                        f"actor.micro_batch_trajectories={args.prompts * args.group_size}"])

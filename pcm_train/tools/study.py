@@ -1,11 +1,12 @@
 """The strategy study: full GRPO vs PCM and its ablations from one SFT policy, over seeds.
 
-    python -m pcm_train.study [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]] [runs=study_runs]
-                              [out=docs/results] [target=0.75] [smooth=5] [report_only=true] [key=value ...]
+    python -m pcm_train.study [suite=libero_object|metaworld] [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]]
+                              [runs=DIR] [out=DIR] [preset=NAME] [target=0.75] [smooth=5] [report_only=true]
+                              [key=value ...]
 
-Every variant trains from the same SFT policy (``init``, by default the committed
-``docs/results/init_policy``) with the same rollout, optimizer and
-validation settings (``preset=study``: ``pcm_train/configs/study.yaml``, then any trainer
+Every variant trains from the same SFT policy (``init``, by default the suite's committed
+one, ``SUITE_DEFAULTS``) with the same rollout, optimizer and validation settings (the
+suite's study preset, e.g. ``pcm_train/configs/study_metaworld.yaml``, then any trainer
 ``section.key=value`` given here);
 only the chunk selection differs (``VARIANTS``). Each (variant, seed) is a run directory
 ``runs/<variant>/seed<k>``: a finished run is skipped, an interrupted one resumes from its last
@@ -32,8 +33,14 @@ from pcm_train.tools import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config, preset_overrides
 from pcm_train.training.metrics_log import read_metrics
 
-# The committed SFT starting point (docs/results/README.md says how it was made).
-INIT_POLICY = "docs/results/init_policy"
+# Per suite: the trainer preset every run shares, the committed SFT starting point, where the page goes and
+# where the run directories live. The results pages say how each SFT policy was made.
+SUITE_DEFAULTS: dict[str, dict[str, str]] = {
+    "libero_object": {"preset": "study", "init": "docs/results/init_policy", "out": "docs/results",
+                      "runs": "study_runs"},
+    "metaworld": {"preset": "study_metaworld", "init": "docs/results/metaworld/init_policy",
+                  "out": "docs/results/metaworld", "runs": "study_runs/metaworld"},
+}
 
 # One entry per compared selection rule: the overrides that define it (PCM.md §5-6).
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -47,17 +54,16 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "frozen": ("pcm.strategy=full", "actor.lr=0"),
 }
 
-# Shared by every run: the preset pcm_train/configs/study.yaml, as overrides (shown on the results page).
-STUDY_SETTINGS: tuple[str, ...] = ("preset=study",)
-
-
 @dataclass
 class StudyConfig:
-    """Options of ``python -m pcm_train.study`` (``key=value``); other keys go to the trainer config."""
+    """Options of ``python -m pcm_train.study`` (``key=value``); other keys go to the trainer config.
+    ``preset``, ``init``, ``out`` and ``runs`` default to the suite's (``SUITE_DEFAULTS``)."""
 
-    init: Optional[str] = INIT_POLICY  # SFT policy directory every run starts from; null = fresh weights
-    runs: str = "study_runs"  # root of the run directories
-    out: str = "docs/results"  # where the study page and figures go
+    suite: str = "libero_object"  # one of SUITE_DEFAULTS
+    preset: Optional[str] = None  # trainer preset shared by every run
+    init: Optional[str] = "default"  # SFT policy every run starts from; "default": the suite's; null: fresh weights
+    runs: Optional[str] = None  # root of the run directories
+    out: Optional[str] = None  # where the study page and figures go
     seeds: list[int] = field(default_factory=lambda: [0])
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     target: float = 0.75  # success rate that counts as reached (Table 1)
@@ -65,6 +71,11 @@ class StudyConfig:
     report_only: bool = False
 
     def validate(self) -> None:
+        if self.suite not in SUITE_DEFAULTS:
+            raise ConfigError(f"suite must be one of {list(SUITE_DEFAULTS)}, got {self.suite!r}")
+        for key, value in SUITE_DEFAULTS[self.suite].items():
+            if getattr(self, key) in (None, "default") and (key != "init" or self.init == "default"):
+                setattr(self, key, value)
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ConfigError(f"variants must be a non-empty list from {list(VARIANTS)}, got {self.variants}")
@@ -90,7 +101,7 @@ def parse_args(argv: list[str]) -> tuple[StudyConfig, list[str]]:
 def run_overrides(study: StudyConfig, variant: str, seed: int, extra: list[str]) -> list[str]:
     """The trainer overrides of one run: study settings, the variant, seed, output dir, then ``extra``."""
     init = [f"policy.path={Path(study.init).resolve()}"] if study.init else []
-    return [*STUDY_SETTINGS, *init, *VARIANTS[variant], f"trainer.seed={seed}",
+    return [f"preset={study.preset}", *init, *VARIANTS[variant], f"trainer.seed={seed}",
             f"trainer.output_dir={run_dir(study, variant, seed)}", *extra]
 
 
@@ -162,7 +173,7 @@ def setup_facts(study: StudyConfig, extra: list[str]) -> dict:
         cpu = names[0] if names else cpu
     return {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                         "system": platform.platform()},
-            "versions": versions, "study": asdict(study), "settings": preset_overrides("study") + extra,
+            "versions": versions, "study": asdict(study), "settings": preset_overrides(study.preset) + extra,
             "variants": {name: list(overrides) for name, overrides in VARIANTS.items()}}
 
 

@@ -103,6 +103,8 @@ class Trainer:
             from pcm_train.envs.workers import OWNER_FILE
 
             run_dir.check_fresh(self.run_dir, cfg.trainer.overwrite, ignore=(OWNER_FILE,))  # a dead run's Ray record
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
         torch.manual_seed(cfg.trainer.seed)
         self._base_staging = None
         self.pool = None
