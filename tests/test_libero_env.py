@@ -178,6 +178,28 @@ def test_state_mode_observation(state_env):
     assert info["chunk_steps"] == 8 and np.isfinite(obs["state"]).all()
 
 
+def test_reused_env_equals_a_fresh_env(state_env):
+    """Env reuse: a slot that ran other tasks and initial states, reset to (task, state), replays exactly the
+    episode a freshly built env gives for the same actions."""
+    def episode(env, task_id, init_state_id, actions):
+        start, _ = env.reset(task_id=task_id, init_state_id=init_state_id)
+        end, reward, terminated, truncated, info = env.step_chunk(actions)
+        return start["state"], end["state"], (reward, terminated, truncated, info["elapsed_steps"])
+
+    actions = random_actions(5, 16)
+    episode(state_env, 3, 7, random_actions(6, 8))  # leave the env in another task's and state's scene
+    episode(state_env, 1, 4, random_actions(7, 8))
+    reused = episode(state_env, 1, 2, actions)
+    fresh_env = LiberoEnv(SUITE, camera=False, privileged_state=True)
+    try:
+        fresh = episode(fresh_env, 1, 2, actions)
+    finally:
+        fresh_env.close()
+    np.testing.assert_array_equal(reused[0], fresh[0])
+    np.testing.assert_array_equal(reused[1], fresh[1])
+    assert reused[2] == fresh[2]
+
+
 def test_max_steps_truncates_within_a_chunk(state_env, monkeypatch):
     monkeypatch.setattr(state_env, "max_steps", 5)
     state_env.reset(task_id=0, init_state_id=0)
