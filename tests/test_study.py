@@ -116,13 +116,19 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert "first 2 steps of every run" in text
 
 
-def test_default_init_is_the_committed_sft_policy(monkeypatch):
+@pytest.mark.parametrize("suite", list(study.SUITE_DEFAULTS))
+def test_default_init_is_the_committed_sft_policy(monkeypatch, suite):
     from pathlib import Path
+    from pcm_train.config import load_config
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    options, _ = study.parse_args([])
-    init = study.SUITE_DEFAULTS["libero_object"]["init"]
-    assert options.init == init and options.variants == list(study.VARIANTS)
-    assert "policy.path=" + str(Path(init).resolve()) in study.run_overrides(options, "pcm", 0, [])
+    options, _ = study.parse_args([f"suite={suite}"])
+    defaults = study.SUITE_DEFAULTS[suite]
+    assert options.init == defaults["init"] and options.variants == list(study.VARIANTS)
+    assert (options.preset, options.out, options.runs) == (defaults["preset"], defaults["out"], defaults["runs"])
+    overrides = study.run_overrides(options, "pcm", 0, [])
+    assert "policy.path=" + str(Path(defaults["init"]).resolve()) in overrides
+    cfg = load_config(overrides)
+    assert cfg.env.suite == suite and cfg.pcm.budget == 12
 
 
 def test_report_only_needs_runs(tmp_path):
