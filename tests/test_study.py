@@ -6,7 +6,7 @@ import pytest
 
 from pcm_train.tools import study
 from pcm_train.tools import study_report
-from pcm_train.config import ConfigError
+from pcm_train.config import ConfigError, load_config
 from pcm_train.training.metrics_log import read_metrics
 
 from fake_env import fake_pool_factory
@@ -29,8 +29,12 @@ def test_parse_args_splits_study_options_from_trainer_overrides(tmp_path):
     overrides = study.run_overrides(options, "pcm_b8", 4, extra)
     assert "pcm.budget=8" in overrides and "trainer.seed=4" in overrides
     assert f"trainer.output_dir={tmp_path / 'runs' / 'pcm_b8' / 'seed4'}" in overrides
-    assert overrides[-len(TINY):] == TINY  # the user's settings win
-    assert "actor.lr=0" in study.run_overrides(options, "frozen", 0, extra)  # the no-learning control
+    start = overrides.index(TINY[0])  # the user's settings, after the preset's, before the variant's
+    assert overrides[start:start + len(TINY)] == TINY and 0 < start < overrides.index("pcm.budget=8")
+    # the variant's own settings win over the user's: a study-wide lr leaves the no-learning control at 0
+    frozen = load_config(study.run_overrides(options, "frozen", 0, extra + ["actor.lr=1e-3", "pcm.budget=3"]))
+    assert frozen.actor.lr == 0 and frozen.trainer.seed == 0
+    assert load_config(study.run_overrides(options, "pcm_b8", 0, extra + ["pcm.budget=3"])).pcm.budget == 8
 
 
 @pytest.mark.parametrize("arg, message", [("variants=[full,pcm_b32]", "variants"), ("seeds=[]", "seeds"),

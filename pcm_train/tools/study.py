@@ -99,10 +99,11 @@ def parse_args(argv: list[str]) -> tuple[StudyConfig, list[str]]:
 
 
 def run_overrides(study: StudyConfig, variant: str, seed: int, extra: list[str]) -> list[str]:
-    """The trainer overrides of one run: study settings, the variant, seed, output dir, then ``extra``."""
+    """The trainer overrides of one run: study settings, ``extra``, then the variant, seed and output dir (so
+    an ``extra`` like ``actor.lr=`` cannot undo a variant's own setting, e.g. the frozen control's lr 0)."""
     init = [f"policy.path={Path(study.init).resolve()}"] if study.init else []
-    return [f"preset={study.preset}", *init, *VARIANTS[variant], f"trainer.seed={seed}",
-            f"trainer.output_dir={run_dir(study, variant, seed)}", *extra]
+    return [f"preset={study.preset}", *init, *extra, *VARIANTS[variant], f"trainer.seed={seed}",
+            f"trainer.output_dir={run_dir(study, variant, seed)}"]
 
 
 def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
