@@ -123,7 +123,6 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
 @pytest.mark.parametrize("suite", list(study.SUITE_DEFAULTS))
 def test_default_init_is_the_committed_sft_policy(monkeypatch, suite):
     from pathlib import Path
-    from pcm_train.config import load_config
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     options, _ = study.parse_args([f"suite={suite}"])
     defaults = study.SUITE_DEFAULTS[suite]
