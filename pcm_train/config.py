@@ -33,6 +33,7 @@ STRATEGIES = ("full", "random", "top_phase", "pcm")
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # verl's agg_loss
 KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2")  # verl's kl_penalty
 ESTIMATORS = ("biased", "unbiased")
+GRIPPER_SIGNALS = ("command", "fingers")  # what the phase labeler reads: commands a[6], or the finger sensor
 LOGGERS = ("tensorboard", "wandb")  # beside metrics.jsonl
 DTYPES = ("float32", "bfloat16", "float16")
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "metaworld")  # envs/families.py
@@ -65,6 +66,8 @@ class PCMSection:
     p_min: float = 0.1  # floor on a phase's keep weight
     num_phases: int = NUM_PHASES  # K, fixed by the labeler
     close_above: float = 0.0  # env gripper command a[6] > this means "close"
+    gripper_signal: str = "command"  # one of GRIPPER_SIGNALS: label phases from the executed commands a[6], or
+    # from the fingers (the env's info["gripper_closed"]: MetaWorld only; ignores closes too short to act)
     sustain: float = 0.75  # tau: grip fraction of a grasp-interval chunk
     grip: float = 0.5  # ACTIVE_GRIP at or above this grip fraction
     low: float = 0.1  # PRE_GRASP lower bound
@@ -78,6 +81,7 @@ class PCMSection:
         _within(f"{prefix}.p_min", self.p_min, 0.0, 1.0, low_open=True)
         _one_of(f"{prefix}.num_phases", self.num_phases, (NUM_PHASES,))
         _within(f"{prefix}.close_above", self.close_above, -1.0, 1.0)
+        _one_of(f"{prefix}.gripper_signal", self.gripper_signal, GRIPPER_SIGNALS)
         for name in ("sustain", "grip", "low"):
             _within(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0)
         if not self.low <= self.grip <= self.sustain:
@@ -322,6 +326,9 @@ def _check_combinations(config: PCMTrainConfig) -> None:
     if config.actor.kl_coef > 0 and config.policy.lora_r == 0:
         raise ConfigError("actor.kl_coef > 0 needs LoRA (policy.lora_r > 0): the KL reference is the base policy "
                           "with the adapters disabled, so no second model is kept in memory")
+    if config.pcm.gripper_signal == "fingers" and config.env.suite != "metaworld":
+        raise ConfigError(f"pcm.gripper_signal=fingers needs an env that reports its fingers (env.suite=metaworld), "
+                          f"got env.suite={config.env.suite}; use pcm.gripper_signal=command")
     if config.pcm.strategy in ("pcm", "random") and config.pcm.budget >= config.rollout.max_chunks:
         warnings.warn(f"pcm.budget ({config.pcm.budget}) >= rollout.max_chunks ({config.rollout.max_chunks}): "
                       f"every valid chunk is kept, so pcm.strategy={config.pcm.strategy} trains as "

@@ -1,7 +1,9 @@
 """Test setup: Triton kernels run in the interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before ``@triton.jit`` decorators run, i.e. before
-``pcm_kernels`` is first imported.
+``pcm_kernels`` is first imported. Triton's compiler library is loaded here, first: loaded after
+an env has rendered through Mesa's EGL (whose LLVM is then in the process), it segfaults
+(docs/metaworld.md, "Rendering").
 """
 import os
 
@@ -9,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402,F401
 
 
 def pytest_configure(config):

@@ -5,6 +5,8 @@ import pytest
 import torch
 from verl import DataProto
 
+import pcm_kernels as pk
+
 from pcm_train.tools import compare_update
 from verl.trainer.ppo import core_algos
 
@@ -292,6 +294,28 @@ def test_shrink_batch_rows_and_normalization(policy, batch):
     for m, (n, _) in enumerate(rows):
         expected_counts[n] += int(kept.batch["response_mask"][m].sum())
     assert torch.equal(kept.meta_info["traj_token_counts"], expected_counts)
+
+
+def test_fingers_signal_labels_from_the_recorded_gripper(policy, batch):
+    """pcm.gripper_signal=fingers: the phases come from batch['gripper'] (the env's fingers), not the decoded
+    commands; a batch without it, or with the wrong shape, is refused naming the key."""
+    _, _, from_commands = _shrink(policy, batch, "pcm.strategy=full")
+    N, steps = batch.batch["responses"].shape[0], batch.batch["finish_step"]
+    fingers = torch.where(torch.arange(C * 8) >= 12, 1.0, -1.0).expand(N, -1).reshape(N, C, 8).contiguous()
+    recorded = DataProto.from_dict(tensors={**batch.batch, "gripper": fingers},
+                                   non_tensors={"uid": batch.non_tensor_batch["uid"]})
+    controller = PCMController(load_config(["pcm.strategy=full", "pcm.gripper_signal=fingers",
+                                            "env.suite=metaworld"]).pcm, seed=0)
+    start = policy.config.action_token_start
+    _, selection = pcm_shrink_batch(recorded, controller, action_token_start=start)
+    torch.testing.assert_close(selection.labels, pk.label_phases(fingers, steps, close_above=0.0), rtol=0, atol=0)
+    assert not torch.equal(selection.labels, from_commands.labels)
+    with pytest.raises(KeyError, match="batch\\['gripper'\\]"):
+        pcm_shrink_batch(batch, controller, action_token_start=start)
+    wrong = DataProto.from_dict(tensors={**batch.batch, "gripper": fingers[:, :, :4].contiguous()},
+                                non_tensors={"uid": batch.non_tensor_batch["uid"]})
+    with pytest.raises(ValueError, match="batch\\['gripper'\\] must be float"):
+        pcm_shrink_batch(wrong, controller, action_token_start=start)
 
 
 def test_bad_batches_are_rejected(policy, batch):

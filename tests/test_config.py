@@ -13,6 +13,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "pcm": {
         "strategy": "pcm", "budget": 12, "refresh_every": 5, "p_min": 0.1, "num_phases": 5,
         "close_above": 0.0, "sustain": 0.75, "grip": 0.5, "low": 0.1, "window": 3, "estimator": "biased",
+        "gripper_signal": "command",
     },
     "actor": {
         "clip_ratio_low": 0.2, "clip_ratio_high": 0.4, "clip_ratio_c": None, "lr": 1e-5, "betas": (0.9, 0.999),
@@ -127,6 +128,8 @@ def test_malformed_overrides(override, message):
         ("pcm.p_min=1.5", "pcm.p_min"),
         ("pcm.num_phases=4", "pcm.num_phases"),
         ("pcm.close_above=2", "pcm.close_above"),
+        ("pcm.gripper_signal=sensor", "pcm.gripper_signal"),
+        ("pcm.gripper_signal=fingers", "pcm.gripper_signal=fingers needs an env that reports its fingers"),
         ("pcm.sustain=1.2", "pcm.sustain"),
         ("pcm.grip=-0.1", "pcm.grip"),
         ("pcm.low=nan", "pcm.low"),

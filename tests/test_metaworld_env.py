@@ -136,6 +136,21 @@ def test_reset_observation_and_chunk_steps(env):
             env.step_chunk(bad)
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("image_size", 0, "image_size must be a positive integer"),
+    ("render_size", 2.5, "render_size must be a positive integer"),
+    ("max_steps", -1, "max_steps must be a positive integer"),
+    ("num_steps_wait", -1, "num_steps_wait must be a non-negative integer"),
+    ("center_crop", 0.0, "center_crop must be in"),
+])
+@pytest.mark.parametrize("suite", [SUITE, "libero_object"])
+def test_both_families_refuse_bad_options(suite, option, value, message):
+    from pcm_train.envs.families import make_env
+
+    with pytest.raises(ValueError, match=message):
+        make_env(suite, **{option: value})
+
+
 def test_proprio_state_without_privileged_state():
     env = MetaWorldEnv(SUITE, privileged_state=False)
     try:
@@ -283,8 +298,25 @@ def test_camera_observation():
         env.close()
 
 
+_UNCLOSED_CAMERA_ENV = """
+from pcm_train.envs.metaworld import MetaWorldEnv
+env = MetaWorldEnv("metaworld", camera=True, image_size=16, render_size=32)
+for task_id in (0, 1):  # two simulators, two GL contexts
+    env.reset(task_id=task_id, init_state_id=0)
+print("rendered")
+"""
+
+
+def test_camera_env_left_open_exits_cleanly():
+    """An image-mode env never closed frees its GL contexts at exit before EGL is torn down: no exit errors."""
+    out = subprocess.run([sys.executable, "-c", _UNCLOSED_CAMERA_ENV], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "rendered", out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr and "EGLError" not in out.stderr, out.stderr[-2000:]
+
+
 def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
-    """env.suite=metaworld behind the same Ray pool, trainer and state-mode policy (39-number state)."""
+    """env.suite=metaworld behind the same Ray pool, trainer and state-mode policy (39-number state), phases
+    labelled from the fingers."""
     from pcm_train.config import load_config
     from pcm_train.training.metrics_log import read_metrics
     from pcm_train.training.trainer import Trainer, make_env_pool
@@ -292,7 +324,7 @@ def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
     cfg = load_config(["preset=metaworld", "rollout.prompts_per_step=1", "rollout.group_size=2",
                        "rollout.max_chunks=3", "pcm.budget=2", "trainer.total_steps=1", "trainer.val_every=0",
                        "env.num_workers=1", "policy.hidden_size=16", "policy.num_layers=1",
-                       f"trainer.output_dir={tmp_path / 'run'}"])
+                       "pcm.gripper_signal=fingers", f"trainer.output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg, make_env_pool)
     try:
         assert trainer.policy.config.state_dim == 39
@@ -301,6 +333,31 @@ def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
         trainer.close()
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert 0 < row["episode_steps_mean"] <= 24 and row["actor/optimizer_steps"] == 1
+
+
+def test_worker_pool_reports_the_fingers(env):
+    """ChunkResult.gripper_closed through the Ray pool is the env's info["gripper_closed"], step for step (the
+    signal pcm.gripper_signal=fingers labels phases from)."""
+    from pcm_train.config import load_config
+    from pcm_train.training.trainer import make_env_pool
+
+    cfg = load_config(["preset=metaworld", "env.num_workers=1", "env.max_slots=1", "pcm.gripper_signal=fingers"])
+    actions = wiggle(4 * CHUNK, seed=3)
+    pool = make_env_pool(cfg, image_size=32)
+    try:
+        pool.reset([(0, 7)])
+        reported = []
+        for start in range(0, len(actions), CHUNK):
+            result = pool.step_chunk(actions[None, start:start + CHUNK], np.ones(1, dtype=bool))
+            assert len(result.gripper_closed[0]) == result.steps[0]
+            reported.extend(result.gripper_closed[0].tolist())
+            if result.done[0]:
+                break
+    finally:
+        pool.close()
+    _, _, infos = run_actions(env, 0, 7, actions)
+    expected = [closed for info in infos for closed in info[4]]
+    assert reported == expected and any(expected) and not all(expected)
 
 
 # ----- demonstrations -----

@@ -1,6 +1,7 @@
 """The training loop on a fake env pool: metrics, checkpoints, resume, Ctrl-C, reports, errors."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,64 @@ def test_rollout_batch_layout():
         closes = int((b["gripper"][e] > 0).sum())
         assert bool(b["complete"][e]) == (closes >= 10)
     assert list(batch.non_tensor_batch["uid"]) == ["a", "a", "b"]
+
+
+class FingersPool(FakePool):
+    """Reports fingers that close on the episode's 5th step, whatever the commands."""
+
+    def step_chunk(self, actions, active):
+        before = [episode[2] for episode in self.episodes]
+        result = super().step_chunk(actions, active)
+        result.gripper_closed = [np.arange(before[e], before[e] + result.steps[e]) >= 4 for e in range(len(before))]
+        return result
+
+
+def test_rollout_labels_phases_from_the_fingers_when_asked():
+    """gripper_signal="fingers": the batch's gripper is +1 where the env reported the fingers closed, -1 where
+    open (never the commands); an env that does not report them is refused naming the option."""
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    episodes = [Episode(0, 1, "a"), Episode(1, 2, "b"), Episode(1, 2, "b")]
+    batches = {signal: collect_rollouts(policy, FingersPool(image_size=16, close_steps=10, max_steps=40, num_slots=2),
+                                        episodes, max_chunks=5, temperature=1.6, gripper_signal=signal,
+                                        generator=torch.Generator().manual_seed(0))
+               for signal in ("command", "fingers")}
+    command, fingers = batches["command"].batch, batches["fingers"].batch
+    torch.testing.assert_close(fingers["responses"], command["responses"], rtol=0, atol=0)
+    for e in range(len(episodes)):
+        executed = int(fingers["finish_step"][e])
+        signal = fingers["gripper"][e].flatten()
+        expected = torch.where(torch.arange(executed) >= 4, 1.0, -1.0)
+        torch.testing.assert_close(signal[:executed], expected, rtol=0, atol=0)
+        assert (signal[executed:] == -1).all()
+    assert not torch.equal(command["gripper"], fingers["gripper"])  # the commands are the policy's, not the fingers
+    with pytest.raises(ValueError, match="gripper_signal='fingers' needs an env that reports its fingers"):
+        collect_rollouts(policy, FakePool(image_size=16), episodes[:1], max_chunks=2, temperature=1.6,
+                         gripper_signal="fingers")
+    with pytest.raises(ValueError, match="gripper_signal must be one of"):
+        collect_rollouts(policy, FakePool(image_size=16), episodes[:1], max_chunks=2, temperature=1.6,
+                         gripper_signal="sensor")
+
+
+def test_trainer_labels_phases_from_the_fingers(tmp_path):
+    """pcm.gripper_signal=fingers end to end: the controller is handed the env's finger signal, not the commands."""
+    cfg = load_config(TINY + ["env.suite=metaworld", "pcm.gripper_signal=fingers",
+                              f"trainer.output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, lambda cfg, image_size: FingersPool(image_size=image_size, close_steps=6, max_steps=48))
+    seen = []
+    step = trainer.controller.step
+    trainer.controller.step = lambda gripper, num_steps, *args: seen.append((gripper, num_steps)) or step(
+        gripper, num_steps, *args)
+    try:
+        trainer.collect()
+    finally:
+        trainer.close()
+    (gripper, num_steps), = seen
+    for signal, steps in zip(gripper.flatten(1), num_steps.tolist()):
+        torch.testing.assert_close(signal[:steps], torch.where(torch.arange(steps) >= 4, 1.0, -1.0), rtol=0, atol=0)
 
 
 def test_rollout_in_waves_equals_one_batch_in_flight():

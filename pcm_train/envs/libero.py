@@ -33,6 +33,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from .options import check_env_options
+
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 RENDERERS = ("egl", "osmesa")  # tried in this order by choose_renderer()
 MAX_STEPS = 512  # SimpleVLA-RL's cap: 64 chunks of 8 steps
@@ -197,11 +199,6 @@ def _axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     return quat_xyzw[:3] * (2.0 * math.acos(w) / sin_half)
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 # ----- environment -----
 
 class LiberoEnv:
@@ -231,13 +228,8 @@ class LiberoEnv:
                  center_crop: float = 0.9, privileged_state: bool = False, max_steps: int = MAX_STEPS,
                  num_steps_wait: int = NUM_STEPS_WAIT):
         _check_suite(suite)
-        _check_positive("image_size", image_size)
-        _check_positive("render_size", render_size)
-        _check_positive("max_steps", max_steps)
-        if not isinstance(num_steps_wait, (int, np.integer)) or num_steps_wait < 0:
-            raise ValueError(f"num_steps_wait must be a non-negative integer, got {num_steps_wait!r}")
-        if not 0.0 < center_crop <= 1.0:
-            raise ValueError(f"center_crop must be in (0, 1], got {center_crop}")
+        check_env_options(image_size=image_size, render_size=render_size, max_steps=max_steps,
+                          num_steps_wait=num_steps_wait, center_crop=center_crop)
         self.suite = suite
         self.camera = camera
         self.image_size = image_size

@@ -63,6 +63,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .libero import TaskInfo, choose_renderer, process_image
+from .options import check_env_options
 
 SUITES = ("metaworld",)
 MAX_STEPS = 500  # MetaWorld's own episode cap (max_path_length)
@@ -186,11 +187,6 @@ def from_native_actions(actions: np.ndarray, spec: TaskSpec) -> np.ndarray:
     return out
 
 
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 # ----- environment -----
 
 class MetaWorldEnv:
@@ -210,13 +206,8 @@ class MetaWorldEnv:
                  max_steps: int = MAX_STEPS, num_steps_wait: int = 0, placement_seed: int = 0,
                  camera_name: str = CAMERA):
         _check_suite(suite)
-        _check_positive("image_size", image_size)
-        _check_positive("render_size", render_size)
-        _check_positive("max_steps", max_steps)
-        if not isinstance(num_steps_wait, (int, np.integer)) or num_steps_wait < 0:
-            raise ValueError(f"num_steps_wait must be a non-negative integer, got {num_steps_wait!r}")
-        if not 0.0 < center_crop <= 1.0:
-            raise ValueError(f"center_crop must be in (0, 1], got {center_crop}")
+        check_env_options(image_size=image_size, render_size=render_size, max_steps=max_steps,
+                          num_steps_wait=num_steps_wait, center_crop=center_crop)
         if not isinstance(placement_seed, (int, np.integer)) or placement_seed < 0:
             raise ValueError(f"placement_seed must be a non-negative integer, got {placement_seed!r}")
         self.suite = suite
@@ -346,9 +337,6 @@ class MetaWorldEnv:
             _import_metaworld(renders=True)
             kwargs = dict(render_mode="rgb_array", camera_name=self.camera_name, width=self.render_size,
                           height=self.render_size)
-            if not self._atexit:  # free the GL contexts before the interpreter tears EGL down
-                atexit.register(self.close)
-                self._atexit = True
         sim = cls(**kwargs)
         sim.max_path_length = _NO_PATH_LIMIT
         return sim
@@ -359,6 +347,11 @@ class MetaWorldEnv:
         obs = {"state": state.astype(np.float32), "language": self._spec.language}
         if self.camera:
             obs["image"] = process_image(self._sim.render(), self.image_size, self.center_crop)
+            if not self._atexit:
+                # Registered after the first render, which registers mujoco's eglTerminate: exit handlers run
+                # last-registered first, so the GL contexts are freed while EGL is still up.
+                atexit.register(self.close)
+                self._atexit = True
         return obs
 
     def _info(self, success: bool, chunk_steps: int) -> dict:

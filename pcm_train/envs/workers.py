@@ -95,6 +95,9 @@ class ChunkResult:
     terminated: np.ndarray  # bool [E]: the task has succeeded (in this or an earlier chunk)
     truncated: np.ndarray  # bool [E]: max_steps reached without success
     steps: np.ndarray  # int64 [E]: env steps executed in this chunk (fewer than L after an early stop)
+    # per episode bool [steps[e]]: fingers closed after each executed step, where the env reports them
+    # (info["gripper_closed"], MetaWorld); None for an env that does not
+    gripper_closed: list[np.ndarray | None] | None = None
 
     @property
     def done(self) -> np.ndarray:
@@ -154,12 +157,13 @@ class _EnvWorker:
             observations.append(obs)
         return observations
 
-    def step_chunk(self, jobs: list[tuple[int, np.ndarray]]) -> list[tuple[dict, float, bool, bool, int]]:
-        """Per job (slot, actions [L, 7]): (obs, reward, terminated, truncated, steps executed)."""
+    def step_chunk(self, jobs: list[tuple[int, np.ndarray]]) -> list[tuple]:
+        """Per job (slot, actions [L, 7]): (obs, reward, terminated, truncated, steps executed, fingers closed
+        bool [steps] or None where the env does not report them)."""
         results = []
         for slot, actions in jobs:
             obs, reward, terminated, truncated, info = self._envs[slot].step_chunk(actions)
-            results.append((obs, reward, terminated, truncated, info["chunk_steps"]))
+            results.append((obs, reward, terminated, truncated, info["chunk_steps"], info.get("gripper_closed")))
         return results
 
 
@@ -298,14 +302,17 @@ class EnvWorkerPool:
                              [(episode.task_id, episode.init_state_id) for episode in self._episodes])
         reward = np.zeros(num_episodes, dtype=np.float32)
         steps = np.zeros(num_episodes, dtype=np.int64)
+        closed: list[np.ndarray | None] = [np.zeros(0, dtype=bool)] * num_episodes
         for index in running:
             episode = self._episodes[index]
-            episode.obs, reward[index], episode.terminated, episode.truncated, steps[index] = results[index]
+            episode.obs, reward[index], episode.terminated, episode.truncated, steps[index], closed[index] = \
+                results[index]
             episode.actions.append(actions[index, :steps[index]].copy())  # the caller may reuse its buffer
         return ChunkResult(
             obs=[episode.obs for episode in self._episodes], reward=reward,
             terminated=np.array([episode.terminated for episode in self._episodes]),
-            truncated=np.array([episode.truncated for episode in self._episodes]), steps=steps)
+            truncated=np.array([episode.truncated for episode in self._episodes]), steps=steps,
+            gripper_closed=closed)
 
     def close(self) -> None:
         """Stop the workers and, if the pool started it, the Ray instance with every process it ran.

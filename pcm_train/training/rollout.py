@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 from verl import DataProto
 
+from pcm_train.config import GRIPPER_SIGNALS
+
 
 class EnvPool(Protocol):
     """What a rollout needs from a set of parallel environments (see ``pcm_train.envs.workers``)."""
@@ -29,7 +31,8 @@ class EnvPool(Protocol):
         """The task's instruction (needed only when a batch has more episodes than slots)."""
 
     def step_chunk(self, actions: np.ndarray, active: np.ndarray):
-        """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode)."""
+        """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode; the fingers
+        ``gripper_closed`` where the env reports them)."""
 
 
 class StopRequested(Exception):
@@ -48,9 +51,11 @@ class Episode:
 @torch.no_grad()
 def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
                      greedy: bool = False, generator: torch.Generator | None = None,
-                     desc: str = "rollout", should_stop=lambda: False) -> DataProto:
+                     desc: str = "rollout", should_stop=lambda: False, gripper_signal: str = "command") -> DataProto:
     """Run every episode to success or ``max_chunks`` chunks; returns the batch (LAYOUT.md keys plus
-    ``gripper`` float [E, C, L], the executed env-space gripper commands). ``pixel_values`` is float
+    ``gripper`` float [E, C, L], the phase labeler's per-step gripper signal, +1 closed / -1 open:
+    the executed env-space gripper commands for ``gripper_signal="command"``, the fingers the env
+    reports (``ChunkResult.gripper_closed``) for ``"fingers"``). ``pixel_values`` is float
     [E, C, *row] with row = the policy's input per chunk ([C, H, W] images or [state_dim] states).
 
     Env reuse: a pool with fewer env slots (``pool.num_slots``) than episodes runs them in waves of
@@ -61,23 +66,25 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     ``StopRequested`` (a half-recorded batch is never returned)."""
     if not episodes:
         raise ValueError("episodes must not be empty")
+    if gripper_signal not in GRIPPER_SIGNALS:
+        raise ValueError(f"gripper_signal must be one of {GRIPPER_SIGNALS}, got {gripper_signal!r}")
+    options = dict(max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
+                   should_stop=should_stop, gripper_signal=gripper_signal)
     slots = getattr(pool, "num_slots", len(episodes))
     if len(episodes) <= slots:
-        return _collect_wave(policy, pool, episodes, None, max_chunks=max_chunks, temperature=temperature,
-                             greedy=greedy, generator=generator, desc=desc, should_stop=should_stop)
+        return _collect_wave(policy, pool, episodes, None, desc=desc, **options)
     # One prompt encoding for the whole batch: every wave acts on the padding its rows are stored with.
     prompts = policy.encode_prompts([pool.language(e.task_id) for e in episodes])
     starts = range(0, len(episodes), slots)
     return DataProto.concat([
         _collect_wave(policy, pool, episodes[start:start + slots], [p[start:start + slots] for p in prompts],
-                      max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
-                      desc=f"{desc} {wave + 1}/{len(starts)}", should_stop=should_stop)
+                      desc=f"{desc} {wave + 1}/{len(starts)}", **options)
         for wave, start in enumerate(starts)])
 
 
 def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *, max_chunks: int,
                   temperature: float, greedy: bool, generator: torch.Generator | None, desc: str,
-                  should_stop) -> DataProto:
+                  should_stop, gripper_signal: str) -> DataProto:
     """``collect_rollouts`` for at most ``pool.num_slots`` episodes, all in flight at once; ``prompts``:
     their (input_ids, attention_mask), or None to encode the languages the envs return."""
     cfg = policy.config
@@ -117,7 +124,7 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
         result = pool.step_chunk(env_actions, active)
         for e in rows:
             executed = int(result.steps[e])
-            gripper[e, k, :executed] = torch.from_numpy(env_actions[e, :executed, -1]).float()
+            gripper[e, k, :executed] = _gripper_signal(gripper_signal, env_actions[e, :executed, -1], result, e)
             finish_step[e] += executed
             complete[e] = bool(result.terminated[e])
             if result.terminated[e] or result.truncated[e] or k == C - 1:
@@ -135,3 +142,18 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
     non_tensors = {"uid": uid, "task_id": np.array([e.task_id for e in episodes]),
                    "init_state_id": np.array([e.init_state_id for e in episodes])}
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+
+
+
+def _gripper_signal(kind: str, commands: np.ndarray, result, episode: int) -> torch.Tensor:
+    """float32 [steps]: the executed gripper commands, or +1 / -1 where the env reports the fingers closed / open."""
+    if kind == "command":
+        return torch.from_numpy(commands).float()
+    closed = result.gripper_closed[episode] if result.gripper_closed is not None else None
+    if closed is None:
+        raise ValueError("gripper_signal='fingers' needs an env that reports its fingers (info['gripper_closed'], "
+                         "MetaWorld); this env does not: use gripper_signal='command'")
+    closed = np.asarray(closed, dtype=bool)
+    if closed.shape != commands.shape:
+        raise RuntimeError(f"the env reported the fingers for {closed.shape[0]} steps but executed {commands.shape[0]}")
+    return torch.from_numpy(np.where(closed, 1.0, -1.0)).float()

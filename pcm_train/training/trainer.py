@@ -240,7 +240,8 @@ class Trainer:
     def _rollout(self, episodes, *, greedy: bool, desc: str):
         return collect_rollouts(self.policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
                                 temperature=self.cfg.actor.temperature, greedy=greedy,
-                                generator=self.action_generator, desc=desc, should_stop=lambda: self._stop)
+                                generator=self.action_generator, desc=desc, should_stop=lambda: self._stop,
+                                gripper_signal=self.cfg.pcm.gripper_signal)
 
     def collect(self) -> dict:
         """Rank 0: rollouts, GRPO advantages, PCM selection. Returns what every rank needs to learn."""
