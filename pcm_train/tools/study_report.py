@@ -144,7 +144,7 @@ def success_table(stats: dict) -> str:
 def claims_section(claim_list: list[dict]) -> list[str]:
     """One line per claim: the difference it rests on, its interval, seeds and verdict."""
     return [f"- ({c['id']}) {c['claim']}: {c['variant']} − {c['reference']} = {_interval(c)}, "
-            f"{c['seeds']} seeds → **{c['verdict']}**" for c in claim_list]
+            f"{c['seeds']} seed{'' if c['seeds'] == 1 else 's'} → **{c['verdict']}**" for c in claim_list]
 
 
 def _cell(stat: dict, fmt: str, of: int | None = None) -> str:
