@@ -144,7 +144,6 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
 
 
-
 def _gripper_signal(kind: str, commands: np.ndarray, result, episode: int) -> torch.Tensor:
     """float32 [steps]: the executed gripper commands, or +1 / -1 where the env reports the fingers closed / open."""
     if kind == "command":
