@@ -239,6 +239,16 @@ def _compare_draws(got: torch.Tensor, expected: torch.Tensor, keys: torch.Tensor
     return rows_equal, int(differ.sum()) // 2
 
 
+def _compare_weighted_draws(index, ht, ref_index, ref_ht, keys, budget) -> tuple[int, int, float]:
+    """``_compare_draws`` plus the largest relative 1/q difference over the rows drawn identically."""
+    equal, swapped = _compare_draws(index, ref_index, keys, budget)
+    kept = (index >= 0) & (index == ref_index).all(1)[:, None]
+    if not bool(kept.any()):
+        return equal, swapped, 0.0
+    rel = ((ht - ref_ht).abs() / ref_ht.abs().clamp(min=1e-30))[kept].max().item()
+    return equal, swapped, rel
+
+
 def step_sampling(ctx: Ctx) -> dict:
     ctx.require_device()
     from pcm_kernels._philox import philox_uniform
@@ -270,15 +280,11 @@ def step_sampling(ctx: Ctx) -> dict:
                 launch_sample_chunks(weights, num_chunks, seed, plain)
             assert not bool((index == 77).any()) and not bool((ht == -7.0).any()), "outputs not fully written"
             assert torch.equal(index, plain), "the draw depends on WITH_WEIGHTS"
-            equal, swapped = _compare_draws(index, ref_index, keys, budget)
+            equal, swapped, rel = _compare_weighted_draws(index, ht, ref_index, ref_ht, keys, budget)
             rows_total += N
             rows_equal += equal
             ties += swapped
-            same = (index == ref_index).all(1)
-            kept = (index >= 0) & same[:, None]
-            if bool(kept.any()):
-                rel = ((ht - ref_ht).abs() / ref_ht.abs().clamp(min=1e-30))[kept].max().item()
-                ht_rel = max(ht_rel, rel)
+            ht_rel = max(ht_rel, rel)
             assert bool((ht[index < 0] == 0).all()) and bool((ht[index >= 0] >= 1).all()), "1/q out of range"
     assert ht_rel <= 1e-4, f"1/q weights differ from the torch path by {ht_rel:.2e} relative (> 1e-4)"
     # the fused selection: labels + keep weights + draw + 1/q in one launch
@@ -299,14 +305,11 @@ def step_sampling(ctx: Ctx) -> dict:
         uniforms = philox_uniform(seed, torch.arange(N * C, device=dev).view(N, C))
         keys = vectorized.race_keys(weights, eligible, uniforms)
         ref_index, ref_ht = vectorized.sample_with_weights(weights, eligible, ctx.B, uniforms)
-        equal, swapped = _compare_draws(index, ref_index, keys, ctx.B)
+        equal, swapped, rel = _compare_weighted_draws(index, ht, ref_index, ref_ht, keys, ctx.B)
         rows_total += N
         rows_equal += equal
         ties += swapped
-        same = (index == ref_index).all(1)
-        kept = (index >= 0) & same[:, None]
-        if bool(kept.any()):
-            ht_rel = max(ht_rel, ((ht - ref_ht).abs() / ref_ht.abs())[kept].max().item())
+        ht_rel = max(ht_rel, rel)
     assert ht_rel <= 1e-4, f"fused 1/q weights differ from the torch path by {ht_rel:.2e} relative (> 1e-4)"
     return result(f"draws equal to the torch path fed Philox uniforms: {rows_equal}/{rows_total} rows "
                   f"identical, {ties} float-tie swaps; 1/q max rel. diff {ht_rel:.1e}",
