@@ -60,6 +60,25 @@ def test_summarize_run_finds_the_first_step_at_target():
     assert s["final_success"] == pytest.approx(0.5) and s["best_success"] == pytest.approx(1.0)
     assert s["chunks_kept_per_traj"] == pytest.approx(5.0) and s["activation_mib"] == pytest.approx(1.0)
     assert study_report.summarize_run(rows, target=1.0, smooth=3)["steps_to_target"] is None
+    assert s["ppo_kl"] is None and s["grad_norm"] is None  # runs logged without them
+
+
+def test_movement_table_reports_how_far_each_update_moved_the_policy():
+    def rows(kl, clip):
+        return [{"step": i, "success_rate": 0.5, "step_time_s": 1.0, "update_time_s": 0.5, "rollout_time_s": 0.5,
+                 "activation_bytes": 1, "peak_memory_bytes": 1, "pcm/kept_fraction": 1.0,
+                 "pcm/valid_chunks_per_traj": 4.0, "advantage/nonzero_fraction": 0.75 if i else 0.25,
+                 "actor/optimizer_steps": 4.0, "actor/ppo_kl": kl * (i + 1), "actor/pg_clipfrac": clip,
+                 "actor/grad_norm": 0.5} for i in range(2)]
+    summary = study_report.summarize({"full": {0: rows(1e-4, 0.01), 1: rows(3e-4, 0.03)},
+                                      "frozen": {0: [{k: v for k, v in r.items() if not k.startswith("actor/")}
+                                                     for r in rows(0, 0)]}}, target=0.9, smooth=1)
+    full = summary["full"]["aggregate"]
+    assert full["ppo_kl"]["mean"] == pytest.approx(3e-4) and full["clip_fraction"]["mean"] == pytest.approx(0.02)
+    assert full["advantage_nonzero"]["mean"] == pytest.approx(0.5) and full["optimizer_steps"]["mean"] == 4
+    lines = study_report.movement_table(summary).splitlines()
+    assert lines[2] == "| full | 50% ± 0% | 4 ± 0 | 3.0e-04 ± 2.1e-04 | 2.00% ± 1.41% | 0.50 ± 0.00 |"
+    assert lines[3] == "| frozen | 50% | — | — | — | — |"
 
 
 def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):

@@ -28,6 +28,9 @@ from pcm_train.tools.study_stats import (claims, curve_band, paired_difference, 
 MIB = 2 ** 20
 REFERENCES = ("full", "frozen")  # every variant's paired difference is taken to these
 FRACTIONS = (0.25, 0.5, 1.0)  # success is reported after these fractions of the common horizon
+MOVEMENT = {  # how far the update moved the policy: summary name -> metrics key (per-step means)
+    "advantage_nonzero": "advantage/nonzero_fraction", "optimizer_steps": "actor/optimizer_steps",
+    "ppo_kl": "actor/ppo_kl", "clip_fraction": "actor/pg_clipfrac", "grad_norm": "actor/grad_norm"}
 
 
 def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[dict]]]:
@@ -53,6 +56,11 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
     wall = train_seconds(rows)
     val = [r for r in rows if r.get("val/success_rate") is not None]
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
+
+    def mean_logged(key):  # None where no step logged it (a run from before the key existed)
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
     return {
         "steps": len(rows),
         "steps_to_target": None if first is None else first + 1,
@@ -73,6 +81,7 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
         "chunks_kept_per_traj": statistics.fmean(r["pcm/kept_fraction"] * r["pcm/valid_chunks_per_traj"]
                                                  for r in rows),
         "valid_chunks_per_traj": mean("pcm/valid_chunks_per_traj"),
+        **{name: mean_logged(key) for name, key in MOVEMENT.items()},
     }
 
 
@@ -186,6 +195,18 @@ def cost_table(summary: dict) -> str:
         lines.append(f"| {variant} | {a['step_s']:.1f} | {a['rollout_s_per_step']:.1f} | {a['update_s_per_step']:.2f} "
                      f"| {a['val_s_per_step']:.1f} | {a['update_s_per_step'] / a['step_s']:.1%} "
                      f"| {a['activation_mib']:.1f} | {a['peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def movement_table(summary: dict) -> str:
+    """How far each variant's update moved the policy: the signal it had and the step it took, per rollout batch."""
+    lines = ["| variant | trajectories with non-zero advantage | optimizer steps per batch | KL(old ‖ new) "
+             "| clipped fraction | grad norm (before clipping) |", "|" + "---|" * 6]
+    formats = {"advantage_nonzero": ".0%", "optimizer_steps": ".0f", "ppo_kl": ".1e", "clip_fraction": ".2%",
+               "grad_norm": ".2f"}
+    for variant, data in summary.items():
+        cells = [_cell(data["aggregate"][name], fmt) for name, fmt in formats.items()]
+        lines.append(f"| {variant} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -350,6 +371,12 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         f"±{margin:g}, does not hold if below −{margin:g}. (c), (d) hold if the interval is below 0, do not "
         "hold if above. Anything else, or fewer than 2 seeds, is inconclusive; (b)–(d) need (a).", "",
         *claims_section(claim_list), "",
+        "## How far the policy moved", "",
+        "Per rollout batch, mean over steps (± over seeds): the share of trajectories whose advantage is not 0 "
+        "(a group whose rollouts all succeed or all fail carries none), the PPO mini-batch steps taken, the "
+        "approximate KL between the rollout policy and the updated one, the share of tokens the PPO clip "
+        "stopped, and the gradient norm. A variant whose KL stays near 0 has not moved off its start.", "",
+        movement_table(summary), "",
         "## Cost of a step", "", cost_table(summary), "",
         "## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "",
         "## Runs", "", *per_run, "",
