@@ -28,9 +28,10 @@ from pcm_train.tools.study_stats import (claims, curve_band, paired_difference, 
 MIB = 2 ** 20
 REFERENCES = ("full", "frozen")  # every variant's paired difference is taken to these
 FRACTIONS = (0.25, 0.5, 1.0)  # success is reported after these fractions of the common horizon
-MOVEMENT = {  # how far the update moved the policy: summary name -> metrics key (per-step means)
-    "advantage_nonzero": "advantage/nonzero_fraction", "optimizer_steps": "actor/optimizer_steps",
-    "ppo_kl": "actor/ppo_kl", "clip_fraction": "actor/pg_clipfrac", "grad_norm": "actor/grad_norm"}
+MOVEMENT = {  # how far the update moved the policy: summary name -> (metrics key, table format); per-step means
+    "advantage_nonzero": ("advantage/nonzero_fraction", ".0%"), "optimizer_steps": ("actor/optimizer_steps", ".0f"),
+    "ppo_kl": ("actor/ppo_kl", ".1e"), "clip_fraction": ("actor/pg_clipfrac", ".2%"),
+    "grad_norm": ("actor/grad_norm", ".2f")}
 
 
 def collect_runs(root: Path, variants: list[str]) -> dict[str, dict[int, list[dict]]]:
@@ -81,7 +82,7 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
         "chunks_kept_per_traj": statistics.fmean(r["pcm/kept_fraction"] * r["pcm/valid_chunks_per_traj"]
                                                  for r in rows),
         "valid_chunks_per_traj": mean("pcm/valid_chunks_per_traj"),
-        **{name: mean_logged(key) for name, key in MOVEMENT.items()},
+        **{name: mean_logged(key) for name, (key, _) in MOVEMENT.items()},
     }
 
 
@@ -202,10 +203,8 @@ def movement_table(summary: dict) -> str:
     """How far each variant's update moved the policy: the signal it had and the step it took, per rollout batch."""
     lines = ["| variant | trajectories with non-zero advantage | optimizer steps per batch | KL(old ‖ new) "
              "| clipped fraction | grad norm (before clipping) |", "|" + "---|" * 6]
-    formats = {"advantage_nonzero": ".0%", "optimizer_steps": ".0f", "ppo_kl": ".1e", "clip_fraction": ".2%",
-               "grad_norm": ".2f"}
     for variant, data in summary.items():
-        cells = [_cell(data["aggregate"][name], fmt) for name, fmt in formats.items()]
+        cells = [_cell(data["aggregate"][name], fmt) for name, (_, fmt) in MOVEMENT.items()]
         lines.append(f"| {variant} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
