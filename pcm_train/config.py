@@ -286,6 +286,15 @@ def apply_overrides(config: Any, overrides: typing.Iterable[str]) -> None:
         setattr(config, item.name, getattr(merged, item.name))
 
 
+def parse_overrides(config_class: type, argv: typing.Iterable[str]) -> Any:
+    """A fresh ``config_class()`` with the ``key=value`` overrides applied, then validated; ConfigError for
+    unknown keys or unusable values."""
+    config = config_class()
+    apply_overrides(config, argv)
+    config.validate()
+    return config
+
+
 def preset_overrides(name: str) -> list[str]:
     """The preset ``name`` as ``key=value`` strings (for display), e.g. ``["policy.observation=state", ...]``."""
     _one_of("preset", name, PRESETS)

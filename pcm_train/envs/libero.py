@@ -33,7 +33,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .options import check_env_options
+from .base import ChunkEnv
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 RENDERERS = ("egl", "osmesa")  # tried in this order by choose_renderer()
@@ -201,7 +201,7 @@ def _axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
 
 # ----- environment -----
 
-class LiberoEnv:
+class LiberoEnv(ChunkEnv):
     """A LIBERO suite's tasks, one episode at a time, gymnasium-style.
 
     ``reset`` (re)builds the simulator when the task changes (~3 s without,
@@ -224,26 +224,17 @@ class LiberoEnv:
     returns no image.
     """
 
+    ACTION_DIMS = (ACTION_DIM,)
+
     def __init__(self, suite: str, *, camera: bool = True, image_size: int = 224, render_size: int = 256,
                  center_crop: float = 0.9, privileged_state: bool = False, max_steps: int = MAX_STEPS,
                  num_steps_wait: int = NUM_STEPS_WAIT):
         _check_suite(suite)
-        check_env_options(image_size=image_size, render_size=render_size, max_steps=max_steps,
-                          num_steps_wait=num_steps_wait, center_crop=center_crop)
-        self.suite = suite
-        self.camera = camera
-        self.image_size = image_size
-        self.render_size = render_size
-        self.center_crop = center_crop
-        self.privileged_state = privileged_state
-        self.max_steps = max_steps
-        self.num_steps_wait = num_steps_wait
-        self.task_id: int | None = None  # task of the last reset
-        self.init_state_id: int | None = None
-        self.elapsed_steps = 0  # policy steps since the last reset
+        super().__init__(suite, camera=camera, image_size=image_size, render_size=render_size,
+                         center_crop=center_crop, privileged_state=privileged_state, max_steps=max_steps,
+                         num_steps_wait=num_steps_wait)
         self._env = None
         self._language = ""
-        self._episode_over = True
 
     @property
     def state_dim(self) -> int:
@@ -260,50 +251,15 @@ class LiberoEnv:
             self._build(task_id)
         if seed is not None:
             self._env.seed(seed)
-        with self._frames_off():
+        with self._stepping():
             self._env.reset()
             for robot in self._env.robots:  # hard_reset=False keeps the gripper's command ramp; a rebuilt
                 robot.gripper.current_action = np.zeros(robot.gripper.dof)  # model would start it at 0
             self._env.set_init_state(state)
             for _ in range(self.num_steps_wait):
                 self._env.step(NOOP_ACTION)
-        self.init_state_id = init_state_id
-        self.elapsed_steps = 0
-        self._episode_over = False
+        self._start_episode(init_state_id)
         return self._observe(), self._info(success=False, chunk_steps=0)
-
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        """One policy step with action float [7]; returns (obs, reward, terminated, truncated, info)."""
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
-        return self.step_chunk(action[None])
-
-    def step_chunk(self, actions: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        """Execute actions float [L, 7] in order, stopping early at success or max_steps.
-
-        Renders only once, after the last executed step. Returns (obs, reward,
-        terminated, truncated, info) as ``step`` would for that last step;
-        ``info["chunk_steps"]`` is the number of steps executed (<= L).
-        """
-        if self._episode_over:
-            raise RuntimeError("the episode is over (or never started); call reset() first")
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.ndim != 2 or actions.shape[1] != ACTION_DIM or len(actions) == 0:
-            raise ValueError(f"actions must have shape (L >= 1, {ACTION_DIM}), got {actions.shape}")
-        if not np.isfinite(actions).all():
-            raise ValueError("actions must be finite")
-        success, executed = False, 0
-        with self._frames_off():
-            for action in actions:
-                _, _, success, _ = self._env.step(action)
-                executed += 1
-                self.elapsed_steps += 1
-                if success or self.elapsed_steps >= self.max_steps:
-                    break
-        truncated = not success and self.elapsed_steps >= self.max_steps
-        self._episode_over = success or truncated
-        return self._observe(), float(success), bool(success), truncated, self._info(success, executed)
 
     def close(self) -> None:
         """Free the simulator and its renderer; a later reset builds a new one."""
@@ -330,8 +286,11 @@ class LiberoEnv:
             raise ValueError(f"{self.suite} task {task_id} names {len(self._env.obj_of_interest)} objects of "
                              f"interest; the privileged state holds {MAX_OBJECTS_OF_INTEREST}")
 
+    def _execute_one(self, action: np.ndarray) -> bool:
+        return bool(self._env.step(action)[2])
+
     @contextlib.contextmanager
-    def _frames_off(self):
+    def _stepping(self):
         """Skip rendering the camera while stepping; _observe() renders the final state."""
         if self.camera:
             self._env.env.modify_observable(f"{CAMERA}_image", "enabled", False)
@@ -362,7 +321,3 @@ class LiberoEnv:
                 quat = np.roll(quat, -1)
             poses[row] = np.concatenate([pose["pos"], quat])
         return poses.reshape(-1)
-
-    def _info(self, success: bool, chunk_steps: int) -> dict:
-        return {"success": bool(success), "task_id": self.task_id, "init_state_id": self.init_state_id,
-                "elapsed_steps": self.elapsed_steps, "chunk_steps": chunk_steps}

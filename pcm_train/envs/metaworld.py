@@ -63,7 +63,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .libero import TaskInfo, choose_renderer, process_image
-from .options import check_env_options
+from .base import ChunkEnv
 
 SUITES = ("metaworld",)
 MAX_STEPS = 500  # MetaWorld's own episode cap (max_path_length)
@@ -189,7 +189,7 @@ def from_native_actions(actions: np.ndarray, spec: TaskSpec) -> np.ndarray:
 
 # ----- environment -----
 
-class MetaWorldEnv:
+class MetaWorldEnv(ChunkEnv):
     """A MetaWorld suite's tasks, one episode at a time, with LiberoEnv's interface (module docstring).
 
     Keywords as LiberoEnv: ``camera`` (render images, default False: state only),
@@ -201,33 +201,26 @@ class MetaWorldEnv:
     the 50 placements per task), ``camera_name`` (a MetaWorld camera).
     """
 
+    ACTION_DIMS = (ACTION_DIM, NATIVE_ACTION_DIM)
+
     def __init__(self, suite: str = "metaworld", *, camera: bool = False, image_size: int = 224,
                  render_size: int = 256, center_crop: float = 1.0, privileged_state: bool = True,
                  max_steps: int = MAX_STEPS, num_steps_wait: int = 0, placement_seed: int = 0,
                  camera_name: str = CAMERA):
         _check_suite(suite)
-        check_env_options(image_size=image_size, render_size=render_size, max_steps=max_steps,
-                          num_steps_wait=num_steps_wait, center_crop=center_crop)
         if not isinstance(placement_seed, (int, np.integer)) or placement_seed < 0:
             raise ValueError(f"placement_seed must be a non-negative integer, got {placement_seed!r}")
-        self.suite = suite
-        self.camera = camera
-        self.image_size = image_size
-        self.render_size = render_size
-        self.center_crop = center_crop
-        self.privileged_state = privileged_state
-        self.max_steps = max_steps
-        self.num_steps_wait = num_steps_wait
+        super().__init__(suite, camera=camera, image_size=image_size, render_size=render_size,
+                         center_crop=center_crop, privileged_state=privileged_state, max_steps=max_steps,
+                         num_steps_wait=num_steps_wait)
         self.placement_seed = int(placement_seed)
         self.camera_name = camera_name
-        self.task_id: int | None = None  # task of the last reset
-        self.init_state_id: int | None = None
-        self.elapsed_steps = 0  # policy steps since the last reset
         self._sims: dict[int, object] = {}  # task_id -> its MetaWorld env, built on first use
         self._sim = None  # the current task's
         self._spec: TaskSpec | None = None
         self._raw_obs: np.ndarray | None = None  # float64 [39], after the last executed step
-        self._episode_over = True
+        self._fingers: list[float] = []  # finger opening after each step of the current chunk
+        self._shaped_reward = 0.0  # MetaWorld's dense reward of the last step
         self._atexit = False
 
     @property
@@ -263,23 +256,15 @@ class MetaWorldEnv:
         sim.set_task(benchmark.train_tasks[init_state_id])
         raw, _ = sim.reset()
         self._sim, self._spec = sim, spec
-        self.task_id, self.init_state_id = int(task_id), int(init_state_id)
+        self.task_id = int(task_id)
         noop = np.array([0.0, 0.0, 0.0, spec.open_level])
         for _ in range(self.num_steps_wait):
             raw = sim.step(noop)[0]
         self._raw_obs = np.asarray(raw, dtype=np.float64)
-        self.elapsed_steps = 0
-        self._episode_over = False
+        self._start_episode(init_state_id)
         info = self._info(False, 0)
         info.update(gripper_closed=np.zeros(0, dtype=bool), finger_opening=np.zeros(0, dtype=np.float32))
         return self._observe(), info
-
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        """One policy step with action float [7] (or MetaWorld's [4]); (obs, reward, terminated, truncated, info)."""
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape not in ((ACTION_DIM,), (NATIVE_ACTION_DIM,)):
-            raise ValueError(f"action must have shape ({ACTION_DIM},) or ({NATIVE_ACTION_DIM},), got {action.shape}")
-        return self.step_chunk(action[None])
 
     def step_chunk(self, actions: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         """Execute actions float [L, 7] (or MetaWorld's [L, 4]) in order, stopping at success or max_steps.
@@ -290,33 +275,12 @@ class MetaWorldEnv:
         float32 [chunk_steps] the fingers after each of them, ``info["shaped_reward"]``
         MetaWorld's dense reward (0-10) of the last step.
         """
-        if self._episode_over:
-            raise RuntimeError("the episode is over (or never started); call reset() first")
-        actions = np.asarray(actions, dtype=np.float64)
-        if actions.ndim != 2 or actions.shape[1] not in (ACTION_DIM, NATIVE_ACTION_DIM) or len(actions) == 0:
-            raise ValueError(f"actions must have shape (L >= 1, {ACTION_DIM}) or (L >= 1, {NATIVE_ACTION_DIM}), "
-                             f"got {actions.shape}")
-        if not np.isfinite(actions).all():
-            raise ValueError("actions must be finite")
-        native = to_native_actions(actions, self._spec) if actions.shape[1] == ACTION_DIM else actions
-        fingers = np.empty(len(native), dtype=np.float32)
-        success, executed, raw, shaped = False, 0, self._raw_obs, 0.0
-        for action in native:
-            raw, shaped, _, _, info = self._sim.step(action)
-            fingers[executed] = raw[FINGER_OBS]
-            executed += 1
-            self.elapsed_steps += 1
-            success = bool(info["success"])
-            if success or self.elapsed_steps >= self.max_steps:
-                break
-        self._raw_obs = np.asarray(raw, dtype=np.float64)
-        truncated = not success and self.elapsed_steps >= self.max_steps
-        self._episode_over = success or truncated
-        out = self._info(success, executed)
-        fingers = fingers[:executed]
-        out.update(gripper_closed=fingers < FINGERS_CLOSED_BELOW, finger_opening=fingers,
-                   shaped_reward=float(shaped))  # MetaWorld's dense reward (0-10) of the last step
-        return self._observe(), float(success), success, truncated, out
+        self._fingers = []
+        obs, reward, terminated, truncated, info = super().step_chunk(actions)
+        fingers = np.array(self._fingers, dtype=np.float32)
+        info.update(gripper_closed=fingers < FINGERS_CLOSED_BELOW, finger_opening=fingers,
+                    shaped_reward=float(self._shaped_reward))
+        return obs, reward, terminated, truncated, info
 
     def close(self) -> None:
         """Free every simulator (and renderer) this env built; a later reset builds them again."""
@@ -341,6 +305,13 @@ class MetaWorldEnv:
         sim.max_path_length = _NO_PATH_LIMIT
         return sim
 
+    def _execute_one(self, action: np.ndarray) -> bool:
+        native = to_native_actions(action, self._spec) if len(action) == ACTION_DIM else action
+        raw, self._shaped_reward, _, _, info = self._sim.step(native)
+        self._raw_obs = np.asarray(raw, dtype=np.float64)
+        self._fingers.append(float(raw[FINGER_OBS]))
+        return bool(info["success"])
+
     def _observe(self) -> dict:
         raw = self._raw_obs
         state = raw if self.privileged_state else raw[:PROPRIO_DIM]
@@ -353,10 +324,6 @@ class MetaWorldEnv:
                 atexit.register(self.close)
                 self._atexit = True
         return obs
-
-    def _info(self, success: bool, chunk_steps: int) -> dict:
-        return {"success": bool(success), "task_id": self.task_id, "init_state_id": self.init_state_id,
-                "elapsed_steps": self.elapsed_steps, "chunk_steps": chunk_steps}
 
 
 # ----- scripted expert -----

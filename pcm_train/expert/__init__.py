@@ -1,4 +1,5 @@
 """Scripted experts that generate demonstrations from privileged simulator state."""
-from .object_expert import PHASES, Episode, GraspPlan, ObjectExpert, run_episode
+from .episode import Episode, EpisodeRecorder
+from .object_expert import PHASES, GraspPlan, ObjectExpert, run_episode
 
-__all__ = ["PHASES", "Episode", "GraspPlan", "ObjectExpert", "run_episode"]
+__all__ = ["PHASES", "Episode", "EpisodeRecorder", "GraspPlan", "ObjectExpert", "run_episode"]

@@ -18,12 +18,13 @@ clean) and Gaussian ``grasp_noise`` (metres, x and y) on the planned grasp point
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from pcm_train.envs.libero import ACTION_DIM, LiberoEnv
+
+from .episode import Episode, EpisodeRecorder
 
 PHASES = ("approach", "descend", "close", "lift", "carry", "lower", "release", "retreat", "done")
 
@@ -64,22 +65,6 @@ class GraspPlan:
     carry_z: float  # eef height while lifting, carrying and retreating
     place_center: np.ndarray  # float64 [2]: xy of the basket's contain region
     eef_above_bottom: float  # eef height above the target's bottom at the grasp
-
-
-@dataclass
-class Episode:
-    """One expert episode; T executed steps (the episode stops at success, max_steps or the script's end)."""
-
-    task_id: int
-    init_state_id: int
-    language: str
-    states: np.ndarray  # float32 [T, state_dim]: observation state before each action
-    images: np.ndarray | None  # uint8 [T, H, W, 3] before each action, or None
-    actions: np.ndarray  # float32 [T, 7]: executed (noisy) env-space actions
-    clean_actions: np.ndarray  # float32 [T, 7]: the expert's noise-free actions
-    phases: np.ndarray  # uint8 [T]: index into PHASES of the phase that produced each action
-    success: bool
-    seconds: float  # wall time including the reset
 
 
 class ObjectExpert:
@@ -289,35 +274,18 @@ def _hand_clearance(obstacles: np.ndarray, center: np.ndarray, closing: np.ndarr
 def run_episode(env: LiberoEnv, task_id: int, init_state_id: int, expert_kwargs: dict | None = None,
                 max_steps: int = 512, record_images: bool = False) -> Episode:
     """Reset ``env`` to (task, initial state) and let an ObjectExpert act until success, max_steps or its end."""
-    if record_images and not env.camera:
-        raise ValueError("record_images=True needs a LiberoEnv built with camera=True")
-    start = time.perf_counter()
+    recorder = EpisodeRecorder(env, record_images)
     expert = ObjectExpert(env, **(expert_kwargs or {}))
     obs, _ = env.reset(task_id=task_id, init_state_id=init_state_id)
     expert.reset(obs)
-    states, images, actions, clean_actions, phases = [], [], [], [], []
-    success = False
     for _ in range(max_steps):
         action = expert.act(obs).astype(np.float32)  # executed as stored, so stored actions replay exactly
         if expert.done:
             break
-        states.append(obs["state"])
-        if record_images:
-            images.append(obs["image"])
-        actions.append(action)
-        clean_actions.append(expert.last_clean_action)
-        phases.append(PHASES.index(expert.phase))
-        obs, _, terminated, truncated, _ = env.step(action)
-        if terminated or truncated:
-            success = terminated
+        obs, over = recorder.step(obs, action, expert.last_clean_action, PHASES.index(expert.phase))
+        if over:
             break
-    return Episode(task_id=task_id, init_state_id=init_state_id, language=obs["language"],
-                   states=np.array(states, dtype=np.float32).reshape(len(states), env.state_dim),
-                   images=np.array(images, dtype=np.uint8) if record_images else None,
-                   actions=np.array(actions, dtype=np.float32).reshape(-1, ACTION_DIM),
-                   clean_actions=np.array(clean_actions, dtype=np.float32).reshape(-1, ACTION_DIM),
-                   phases=np.array(phases, dtype=np.uint8), success=success,
-                   seconds=time.perf_counter() - start)
+    return recorder.finish(task_id, init_state_id, obs["language"])
 
 
 # ----- rotations -----

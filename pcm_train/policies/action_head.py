@@ -14,6 +14,18 @@ def check_int_tensor(name: str, value, ndim: int, described: str) -> None:
                          f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
 
 
+def check_packed_prompts(prompt_ids, prompt_cu_seqlens) -> int:
+    """ValueError unless prompt_ids is an integer tensor [Tp] and prompt_cu_seqlens an int32 tensor [M+1]
+    with M >= 1; returns M, the number of packed chunks."""
+    check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
+    if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
+            or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
+        raise ValueError("prompt_cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
+                         f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
+                         f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
+    return prompt_cu_seqlens.numel() - 1
+
+
 class ActionTokensMixin:
     """For a policy with ``action_logits(input_ids, attention_mask, pixel_values) -> [B, A, 256]`` and a
     ``config`` holding ``num_action_tokens``, ``action_token_start``, ``vocab_size``, ``action_chunk`` and

@@ -25,7 +25,8 @@ from pcm_train.policies.openvla_processor import (BOS_ID, PAD_ID, PROMPT_END_ID,
                                                   load_normalization)
 from pcm_train.policies.openvla_vit import ViTSpec, VisionTower, vit_spec
 from pcm_train.policies.lora import LoraLanguageModelMixin
-from pcm_train.policies.action_head import ActionTokensMixin, check_int_tensor as _check_int_tensor
+from pcm_train.policies.action_head import (ActionTokensMixin, check_int_tensor as _check_int_tensor,
+                                            check_packed_prompts)
 from pcm_train.policies.small_vla import Projector, _check_pixels
 from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
 
@@ -386,12 +387,7 @@ class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
         """One forward over M packed chunks, block-diagonal non-causal attention. prompt_ids int [Tp] (each
         chunk's unpadded prompt, BOS ... 29871, concatenated), prompt_cu_seqlens int32 [M+1], pixel_values
         float [M, 6, 224, 224] -> action logits [M, 56, 256]; equals ``action_logits`` per chunk."""
-        _check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
-        if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
-                or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
-            raise ValueError("prompt_cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
-                             f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
-                             f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
+        check_packed_prompts(prompt_ids, prompt_cu_seqlens)
         lengths = prompt_cu_seqlens.diff().long()
         check_cu_seqlens(prompt_cu_seqlens, prompt_ids.numel(), int(lengths.max()))
         num_chunks = len(lengths)

@@ -21,7 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTra
 
 from pcm_train.policies.action_tokens import NUM_ACTION_BINS, gripper_to_env, unnormalize
 from pcm_train.config import OBSERVATIONS
-from pcm_train.policies.action_head import ActionTokensMixin, check_int_tensor as _check_int_tensor
+from pcm_train.policies.action_head import (ActionTokensMixin, check_int_tensor as _check_int_tensor,
+                                            check_packed_prompts)
 from pcm_train.policies.lora import LoraLanguageModelMixin
 from pcm_train.policies.varlen_attention import ATTENTION_NAME
 
@@ -352,13 +353,7 @@ class SmallVLA(ActionTokensMixin, LoraLanguageModelMixin, PreTrainedModel):
         concatenated), prompt_cu_seqlens int32 [M+1] (chunk m's prompt is prompt_ids[cu[m]:cu[m+1]]),
         pixel_values float [M, C, H, W] (state mode: [M, state_dim]) -> action logits float [M, A, 256];
         equals ``action_logits``."""
-        _check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
-        if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
-                or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
-            raise ValueError("prompt_cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
-                             f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
-                             f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
-        num_chunks = prompt_cu_seqlens.numel() - 1
+        num_chunks = check_packed_prompts(prompt_ids, prompt_cu_seqlens)
         _check_observations("pixel_values", pixel_values, num_chunks, self.config)
         bounds = prompt_cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from pcm_train.cli import run_command
-from pcm_train.config import ConfigError, _above, _at_least, apply_overrides
+from pcm_train.config import ConfigError, _above, _at_least, parse_overrides
 
 NUM_INIT_STATES = 50  # LIBERO's initial states and MetaWorld's placements per task
 
@@ -114,10 +114,8 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> EvalConfig:
-    cfg = EvalConfig()
-    apply_overrides(cfg, argv)
-    cfg.validate()
-    return cfg
+    """``key=value`` overrides of EvalConfig; ConfigError for unknown keys or bad values."""
+    return parse_overrides(EvalConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pcm_train.cli import run_command
 from pcm_train.policies.action_tokens import normalized_to_tokens
-from pcm_train.config import OBSERVATIONS, ConfigError, _above, _at_least, _one_of, _within, apply_overrides
+from pcm_train.config import OBSERVATIONS, ConfigError, _above, _at_least, _one_of, _within, parse_overrides
 from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
 
 LABELS = ("executed", "clean")
@@ -273,10 +273,7 @@ def train(cfg: SFTConfig) -> dict:
 
 def parse_args(argv: list[str]) -> SFTConfig:
     """``key=value`` overrides of SFTConfig; ConfigError for unknown keys or bad values."""
-    cfg = SFTConfig()
-    apply_overrides(cfg, argv)
-    cfg.validate()
-    return cfg
+    return parse_overrides(SFTConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
