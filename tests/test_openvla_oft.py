@@ -132,6 +132,12 @@ def test_bad_prompts_are_refused(model, prompts):
         model.action_logits(input_ids, holes, pixels)
     with pytest.raises(ValueError, match="BOS"):
         model.action_logits_packed(rows[0][1:], torch.tensor([0, 17], dtype=torch.int32), pixels[:1])
+    cu_seqlens = torch.tensor([0] + [len(r) for r in rows]).cumsum(0).int()
+    with pytest.raises(ValueError, match=r"prompt_cu_seqlens must start at 0, increase strictly and end at "
+                                         r"len\(prompt_ids\)"):
+        model.action_logits_packed(torch.cat(rows)[:-1], cu_seqlens, pixels)
+    with pytest.raises(ValueError, match="prompt_cu_seqlens must be an int32 tensor"):
+        model.action_logits_packed(torch.cat(rows), cu_seqlens.long(), pixels)
 
 
 # ----- acting -----

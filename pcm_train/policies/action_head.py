@@ -14,16 +14,22 @@ def check_int_tensor(name: str, value, ndim: int, described: str) -> None:
                          f"{getattr(value, 'dtype', type(value))} {tuple(getattr(value, 'shape', ()))}")
 
 
-def check_packed_prompts(prompt_ids, prompt_cu_seqlens) -> int:
+def check_packed_prompts(prompt_ids, prompt_cu_seqlens) -> list[int]:
     """ValueError unless prompt_ids is an integer tensor [Tp] and prompt_cu_seqlens an int32 tensor [M+1]
-    with M >= 1; returns M, the number of packed chunks."""
+    with M >= 1 that starts at 0, increases strictly and ends at Tp (one device sync); returns the M
+    prompt lengths."""
     check_int_tensor("prompt_ids", prompt_ids, 1, "[Tp]")
     if not isinstance(prompt_cu_seqlens, torch.Tensor) or prompt_cu_seqlens.dim() != 1 \
             or prompt_cu_seqlens.dtype != torch.int32 or prompt_cu_seqlens.numel() < 2:
         raise ValueError("prompt_cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
                          f"{getattr(prompt_cu_seqlens, 'dtype', None)} "
                          f"{tuple(getattr(prompt_cu_seqlens, 'shape', ()))}")
-    return prompt_cu_seqlens.numel() - 1
+    bounds = prompt_cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != prompt_ids.numel() or min(lengths) <= 0:
+        raise ValueError(f"prompt_cu_seqlens must start at 0, increase strictly and end at "
+                         f"len(prompt_ids)={prompt_ids.numel()}; got {bounds}")
+    return lengths
 
 
 class ActionTokensMixin:

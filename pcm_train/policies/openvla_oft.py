@@ -28,7 +28,7 @@ from pcm_train.policies.lora import LoraLanguageModelMixin
 from pcm_train.policies.action_head import (ActionTokensMixin, check_int_tensor as _check_int_tensor,
                                             check_packed_prompts)
 from pcm_train.policies.small_vla import Projector, _check_pixels
-from pcm_train.policies.varlen_attention import ATTENTION_NAME, check_cu_seqlens
+from pcm_train.policies.varlen_attention import ATTENTION_NAME
 
 # Llama-2 7B: the values OpenVLA's text_config leaves unset.
 LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -387,10 +387,8 @@ class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
         """One forward over M packed chunks, block-diagonal non-causal attention. prompt_ids int [Tp] (each
         chunk's unpadded prompt, BOS ... 29871, concatenated), prompt_cu_seqlens int32 [M+1], pixel_values
         float [M, 6, 224, 224] -> action logits [M, 56, 256]; equals ``action_logits`` per chunk."""
-        check_packed_prompts(prompt_ids, prompt_cu_seqlens)
+        num_chunks = len(check_packed_prompts(prompt_ids, prompt_cu_seqlens))
         lengths = prompt_cu_seqlens.diff().long()
-        check_cu_seqlens(prompt_cu_seqlens, prompt_ids.numel(), int(lengths.max()))
-        num_chunks = len(lengths)
         _check_pixels("pixel_values", pixel_values, num_chunks, self.config)
         prompt_ids = prompt_ids.long()
         self._check_prompt_bounds(prompt_ids, lengths)
