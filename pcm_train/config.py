@@ -40,6 +40,7 @@ SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "metawo
 POLICIES = ("small_vla", "openvla_oft")
 OBSERVATIONS = ("image", "state")  # small_vla's observation encoders (docs/state_mode.md)
 NUM_PHASES = 5
+VAL_PLACEMENTS = ("tail", "held_out")  # validation prompts: see EnvSection.val_placements
 
 # Presets are YAML files shipped in pcm_train/configs/<name>.yaml (the same format as --config files).
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -222,6 +223,9 @@ class EnvSection:
     suite: str = "libero_object"
     task_ids: Optional[list[int]] = None  # None = every task of the suite
     val_init_states: int = 10  # the last N of each task's 50 initial states are held out for validation
+    # validation prompts, tasks in turn: "tail" cycles over those last val_init_states states; "held_out"
+    # (MetaWorld) takes each task's 50 extra held-out placements in order, so no episode repeats
+    val_placements: str = "tail"
     camera: bool = True  # False: state observations, no rendering (state-mode policies only)
     num_workers: int = 0  # Ray env workers; 0 = one per CPU core
     max_slots: int = 32  # envs in flight at once over all workers; a bigger batch runs in waves (env reuse)
@@ -234,6 +238,11 @@ class EnvSection:
         if self.task_ids is not None and (not self.task_ids or min(self.task_ids) < 0):
             raise ConfigError(f"{prefix}.task_ids must be null or a non-empty list of ids >= 0, got {self.task_ids}")
         _within(f"{prefix}.val_init_states", self.val_init_states, 1, 49)
+        _one_of(f"{prefix}.val_placements", self.val_placements, VAL_PLACEMENTS)
+        if self.val_placements == "held_out" and self.suite != "metaworld":
+            raise ConfigError(f"{prefix}.val_placements=held_out needs extra held-out placements "
+                              f"({prefix}.suite=metaworld), got {prefix}.suite={self.suite}; use "
+                              f"{prefix}.val_placements=tail")
         _at_least(f"{prefix}.num_workers", self.num_workers, 0)
         _at_least(f"{prefix}.max_slots", self.max_slots, 1)
         _above(f"{prefix}.step_timeout_s", self.step_timeout_s, 0.0)

@@ -33,7 +33,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
         "wandb_project": "pcm", "wandb_mode": None,
     },
     "env": {
-        "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0, "max_slots": 32,
+        "suite": "libero_object", "task_ids": None, "val_init_states": 10, "val_placements": "tail", "camera": True, "num_workers": 0, "max_slots": 32,
         "ray_address": None, "step_timeout_s": 120.0, "ray_dashboard": False,
     },
     "resume": None,

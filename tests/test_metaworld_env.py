@@ -87,7 +87,7 @@ def test_tasks_and_placements():
     assert [task.task_id for task in list_tasks(SUITE)] == [0, 1, 2, 3]
     assert all(task.language and task.language == task.language.strip() for task in list_tasks(SUITE))
     assert num_init_states(SUITE, 3) == NUM_INIT_STATES == 50
-    for bad in [(4, 0), (-1, 0), (0, 50), (0, -1), (0, 1.0)]:
+    for bad in [(4, 0), (-1, 0), (0, 100), (0, -1), (0, 1.0)]:
         with pytest.raises(ValueError):
             check_init_state(SUITE, *bad)
     with pytest.raises(ValueError, match="suite"):
@@ -95,6 +95,24 @@ def test_tasks_and_placements():
     vectors = np.stack([initial_state(SUITE, 0, k) for k in range(NUM_INIT_STATES)])
     assert len(np.unique(vectors, axis=0)) == NUM_INIT_STATES  # 50 distinct placements
     np.testing.assert_array_equal(initial_state(SUITE, 0, 7), vectors[7])
+
+
+def test_held_out_placements_are_never_training_placements(env):
+    from pcm_train.envs.families import held_out_init_states
+
+    assert held_out_init_states(SUITE, 2) == range(50, 100) and held_out_init_states("libero_object", 2) == range(0)
+    check_init_state(SUITE, 3, 99)
+    for task in range(4):
+        training = np.stack([initial_state(SUITE, task, k) for k in range(NUM_INIT_STATES)])
+        held_out = np.stack([initial_state(SUITE, task, k) for k in held_out_init_states(SUITE, task)])
+        assert len(np.unique(held_out, axis=0)) == 50  # 50 distinct held-out placements
+        # none is a training one: every pair differs somewhere by far more than float noise (random draws;
+        # a task with few randomized coordinates can come within ~1 mm)
+        assert np.abs(training[:, None] - held_out[None]).max(-1).min() > 1e-5
+    obs, _ = env.reset(task_id=1, init_state_id=63)
+    again, _ = env.reset(task_id=1, init_state_id=63)
+    np.testing.assert_array_equal(obs["state"], again["state"])
+    np.testing.assert_allclose(obs["state"][-3:], initial_state(SUITE, 1, 63)[-3:], atol=1e-6)  # the placement's goal
 
 
 def test_gripper_mapping_uses_each_tasks_levels():

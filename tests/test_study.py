@@ -6,7 +6,7 @@ import pytest
 
 from pcm_train.tools import study
 from pcm_train.tools import study_report
-from pcm_train.config import ConfigError, load_config
+from pcm_train.config import ConfigError, config_to_dict, load_config
 from pcm_train.training.metrics_log import read_metrics
 
 from fake_env import fake_pool_factory
@@ -118,8 +118,8 @@ def test_tiny_study_trains_resumes_accumulates_and_writes_the_page(tmp_path):
     assert "| full | 2 |" in text and "| pcm | 2 |" in text and "1.00×" in text
     assert "Machine:" in text and "trainer.seed" not in text.split("## Setup")[0]
     summary = json.loads((tmp_path / "results/study.json").read_text())["summary"]
-    assert (tmp_path / "results/runs/pcm/seed0/metrics.jsonl").read_text() == \
-        (tmp_path / "runs/pcm/seed0/metrics.jsonl").read_text()
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        assert (tmp_path / "results/runs/pcm/seed0" / name).read_text() == (tmp_path / "runs/pcm/seed0" / name).read_text()
 
     # the archived metrics alone carry the study to a fresh machine: finished runs are not retrained
     options, extra = _study(tmp_path, "variants=[full,pcm]", "seeds=[0,1]", "runs=" + str(tmp_path / "fresh"))
@@ -145,12 +145,35 @@ def test_default_init_is_the_committed_sft_policy(monkeypatch, suite):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     options, _ = study.parse_args([f"suite={suite}"])
     defaults = study.SUITE_DEFAULTS[suite]
-    assert options.init == defaults["init"] and options.variants == list(study.VARIANTS)
+    assert options.init == defaults["init"] and options.variants == list(study.SUITE_VARIANTS[suite])
     assert (options.preset, options.out, options.runs) == (defaults["preset"], defaults["out"], defaults["runs"])
     overrides = study.run_overrides(options, "pcm", 0, [])
     assert "policy.path=" + str(Path(defaults["init"]).resolve()) in overrides
     cfg = load_config(overrides)
-    assert cfg.env.suite == suite and cfg.pcm.budget == 12
+    assert suite.startswith(cfg.env.suite) and cfg.pcm.budget == 12
+
+
+def test_confirm_suite_is_the_metaworld_study_with_the_protocols_horizon_and_validation(monkeypatch):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    options, extra = study.parse_args(["suite=metaworld_confirm"])
+    assert options.seeds == list(range(10)) and options.out == "docs/results/metaworld_confirm"
+    assert options.variants == ["full", "frozen", "pcm", "random", "top_phase", "pcm_unbiased"]
+    confirm = load_config(study.run_overrides(options, "pcm", 3, extra))
+    before, _ = study.parse_args(["suite=metaworld"])
+    original = load_config(study.run_overrides(before, "pcm", 3, []))
+    a, b = config_to_dict(confirm), config_to_dict(original)
+    changed = {(section, key) for section in a if isinstance(a[section], dict)
+               for key in a[section] if a[section][key] != b[section][key]}
+    assert changed == {("trainer", "total_steps"), ("trainer", "val_every"), ("trainer", "val_episodes"),
+                       ("env", "val_placements"), ("trainer", "output_dir")}
+    assert (confirm.trainer.total_steps, confirm.trainer.val_every, confirm.trainer.val_episodes) == (80, 40, 200)
+    assert confirm.env.val_placements == "held_out"
+    unbiased = load_config(study.run_overrides(options, "pcm_unbiased", 3, extra))
+    assert (unbiased.pcm.strategy, unbiased.pcm.budget, unbiased.pcm.estimator) == ("pcm", 12, "unbiased")
+    order = study.run_order(options)
+    assert order[:5] == [(0, "full"), (0, "frozen"), (0, "pcm"), (0, "random"), (0, "top_phase")]
+    assert order[49] == (9, "top_phase") and order[50:] == [(s, "pcm_unbiased") for s in range(10)]
 
 
 def test_report_only_needs_runs(tmp_path):

@@ -191,6 +191,56 @@ def test_resume_continues_identically(tmp_path):
     assert torch.equal(sa["action_generator"], sb["action_generator"])
 
 
+def test_validation_outcomes_are_saved_per_episode_and_redone_on_resume(tmp_path):
+    val = ["trainer.total_steps=3", "trainer.val_every=1", "trainer.val_episodes=3"]
+    straight = _trainer(tmp_path, *val, name="straight")
+    straight.run()
+    straight.close()
+    rows = read_metrics(tmp_path / "straight" / "validation.jsonl")
+    assert [(r["step"], r["trained_steps"], r["task"], r["placement"]) for r in rows[:3]] == \
+        [(0, 1, 0, 40), (0, 1, 1, 40), (0, 1, 0, 41)]  # tasks in turn over the last val_init_states states
+    assert [r["step"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
+    metrics = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    for step in range(3):  # the step's success rate is the mean of its episodes' outcomes
+        outcomes = [r["success"] for r in rows if r["step"] == step]
+        assert metrics[step]["val/success_rate"] == pytest.approx(np.mean(outcomes))
+    assert all(isinstance(r["success"], bool) and r["episode_steps"] > 0 for r in rows)
+    # interrupted after step 1 with step 2's validation written but not checkpointed: the resume redoes it
+    first = _trainer(tmp_path, *val, name="resumed")
+    first.cfg.trainer.total_steps = 2
+    first.run()
+    first.close()
+    with (tmp_path / "resumed" / "validation.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "trained_steps": 3, "task": 0, "placement": 40, "success": False}) + "\n")
+    resumed = Trainer(load_config(resolve_overrides([f"resume={tmp_path / 'resumed'}"])), fake_pool_factory(close_steps=6))
+    resumed.run()
+    resumed.close()
+    assert read_metrics(tmp_path / "resumed" / "validation.jsonl") == rows
+
+
+def test_held_out_validation_takes_distinct_placements_no_training_prompt_uses(tmp_path):
+    cfg = load_config(["preset=study_metaworld", "env.val_placements=held_out", "trainer.val_episodes=9",
+                       f"trainer.output_dir={tmp_path / 'run'}", "policy.hidden_size=16", "policy.num_layers=1"])
+    trainer = Trainer(cfg, fake_pool_factory(close_steps=6, state_dim=39))
+    try:
+        episodes = trainer.val_episodes()
+        assert [(e.task_id, e.init_state_id) for e in episodes] == \
+            [(0, 50), (1, 50), (2, 50), (3, 50), (0, 51), (1, 51), (2, 51), (3, 51), (0, 52)]
+        assert len({e.uid for e in episodes}) == 9
+        trained = {(e.task_id, e.init_state_id) for _ in range(20) for e in trainer.train_episodes()}
+        assert max(s for _, s in trained) < 40
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match=r"trainer.val_episodes \(201\) must be at most 200"):
+        Trainer(load_config(["preset=study_metaworld", "env.val_placements=held_out", "trainer.val_episodes=201",
+                             f"trainer.output_dir={tmp_path / 'big'}"]), fake_pool_factory(state_dim=39))
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(Exception, match="env.val_placements=held_out needs .*env.suite=metaworld"):
+        load_config(["env.val_placements=held_out"])
+    with pytest.raises(Exception, match="env.val_placements"):
+        load_config(["env.val_placements=every"])
+
+
 def test_stop_request_saves_last_complete_step(tmp_path):
     trainer = _trainer(tmp_path, "trainer.total_steps=5", "trainer.save_every=0")
     original = trainer.train_step

@@ -33,6 +33,15 @@ def num_init_states(suite: str, task_id: int) -> int:
     return _family(suite).num_init_states(suite, task_id)
 
 
+def held_out_init_states(suite: str, task_id: int) -> range:
+    """Ids of the task's extra held-out prompts, never drawn for training (MetaWorld: 50-99; LIBERO: none,
+    its held-out states are the last ``val_init_states`` of its 50)."""
+    if _family(suite) is metaworld:
+        return metaworld.held_out_init_states(suite, task_id)
+    libero._check_task(suite, task_id)  # ValueError for an unknown task
+    return range(0)
+
+
 def check_init_state(suite: str, task_id: int, init_state_id: int) -> None:
     """ValueError naming the task or initial state when the suite has no such prompt."""
     if _family(suite) is metaworld:

@@ -12,6 +12,10 @@ k picks the k-th one, so (task, k) always starts from the same state, in any
 process: MT1 draws the vectors with NumPy's legacy seeded generator and the
 reset is deterministic. There are ``NUM_INIT_STATES`` = 50 per task, as for
 LIBERO. The goal position is part of the observation (MT1 is goal-observable).
+Beyond them, ids 50-99 (``held_out_init_states``) are a held-out pool: the 50
+training tasks of ``MT1(name, seed=placement_seed + HELD_OUT_SEED_OFFSET)``,
+other random placements that training (which draws ids below 50) never sees;
+validation can score many distinct held-out episodes per task from them.
 
 Actions. Policies emit the 7-dim LIBERO action (xyz, rotation, gripper), in env
 space: dims 0-2 are MetaWorld's xyz deltas (in [-1, 1], 1 cm per unit, per step;
@@ -68,6 +72,8 @@ from .base import ChunkEnv
 SUITES = ("metaworld",)
 MAX_STEPS = 500  # MetaWorld's own episode cap (max_path_length)
 NUM_INIT_STATES = 50  # placements per task: MT1's training tasks
+NUM_HELD_OUT = 50  # extra held-out placements per task, ids NUM_INIT_STATES .. + NUM_HELD_OUT - 1
+HELD_OUT_SEED_OFFSET = 1  # the held-out pool is MT1(name, seed=placement_seed + this)
 ACTION_DIM = 7  # the policies' action: xyz (used), rotation (ignored), gripper (> 0 closes)
 NATIVE_ACTION_DIM = 4  # MetaWorld's action: xyz, raw gripper level
 STATE_DIM = 39  # MetaWorld's observation (privileged_state=True)
@@ -130,12 +136,28 @@ def num_init_states(suite: str, task_id: int) -> int:
     return NUM_INIT_STATES
 
 
-def check_init_state(suite: str, task_id: int, init_state_id: int) -> None:
-    """ValueError unless (task_id, init_state_id) names a prompt of the suite; builds nothing."""
+def held_out_init_states(suite: str, task_id: int) -> range:
+    """Ids of the task's held-out placements (never drawn for training): 50-99."""
     _check_task(suite, task_id)
-    if not isinstance(init_state_id, (int, np.integer)) or not 0 <= init_state_id < NUM_INIT_STATES:
-        raise ValueError(f"init_state_id must be an integer in [0, {NUM_INIT_STATES}) for {suite} task {task_id}, "
+    return range(NUM_INIT_STATES, NUM_INIT_STATES + NUM_HELD_OUT)
+
+
+def check_init_state(suite: str, task_id: int, init_state_id: int) -> None:
+    """ValueError unless (task_id, init_state_id) names a prompt of the suite (a placement or a held-out
+    one); builds nothing."""
+    _check_task(suite, task_id)
+    top = NUM_INIT_STATES + NUM_HELD_OUT
+    if not isinstance(init_state_id, (int, np.integer)) or not 0 <= init_state_id < top:
+        raise ValueError(f"init_state_id must be an integer in [0, {top}) for {suite} task {task_id} "
+                         f"(0-{NUM_INIT_STATES - 1}: placements, {NUM_INIT_STATES}-{top - 1}: held-out ones), "
                          f"got {init_state_id!r}")
+
+
+def _placement(name: str, init_state_id: int, placement_seed: int):
+    """MT1's task object of placement ``init_state_id`` (held-out ids from the offset seed's MT1)."""
+    if init_state_id >= NUM_INIT_STATES:
+        return _benchmark(name, placement_seed + HELD_OUT_SEED_OFFSET).train_tasks[init_state_id - NUM_INIT_STATES]
+    return _benchmark(name, placement_seed).train_tasks[init_state_id]
 
 
 def _import_metaworld(renders: bool = False):
@@ -165,7 +187,7 @@ def initial_state(suite: str, task_id: int, init_state_id: int, placement_seed: 
     import pickle
 
     check_init_state(suite, task_id, init_state_id)
-    task = _benchmark(task_specs(suite)[task_id].name, placement_seed).train_tasks[init_state_id]
+    task = _placement(task_specs(suite)[task_id].name, int(init_state_id), placement_seed)
     return np.array(pickle.loads(task.data)["rand_vec"], dtype=np.float64)
 
 
@@ -253,7 +275,7 @@ class MetaWorldEnv(ChunkEnv):
         if sim is None:
             sim = self._build(benchmark, spec.name)
             self._sims[int(task_id)] = sim
-        sim.set_task(benchmark.train_tasks[init_state_id])
+        sim.set_task(_placement(spec.name, int(init_state_id), self.placement_seed))
         raw, _ = sim.reset()
         self._sim, self._spec = sim, spec
         self.task_id = int(task_id)

@@ -1,6 +1,6 @@
 """The strategy study: full GRPO vs PCM and its ablations from one SFT policy, over seeds.
 
-    python -m pcm_train.study [suite=libero_object|metaworld] [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]]
+    python -m pcm_train.study [suite=libero_object|metaworld|metaworld_confirm] [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]]
                               [runs=DIR] [out=DIR] [preset=NAME] [target=0.75] [smooth=5] [report_only=true]
                               [key=value ...]
 
@@ -16,6 +16,10 @@ After every run each run's ``metrics.jsonl`` and ``config.json`` are copied to
 not retrained) and the page is rewritten from them: ``out/study.md`` (Table 1 analogue, time
 split, setup), the figures ``out/*.png`` and ``out/study.json``. ``report_only=true`` only
 rewrites the page.
+
+A suite with a pre-registered protocol (``PROTOCOLS``: ``metaworld_confirm``) adds its settings
+(``SUITE_SETTINGS``), runs its seeds and variants by default, archives each run's ``validation.jsonl``
+too, and its page reports the protocol's tests (``confirm_report``) instead of the interval-rule claims.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from typing import Optional
 from pcm_train.cli import run_command
 from pcm_train.tools import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config, preset_overrides
-from pcm_train.training.metrics_log import read_metrics
+from pcm_train.tools.confirm_report import Protocol
+from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics
 
 # Per suite: the trainer preset every run shares, the committed SFT starting point, where the page goes and
 # where the run directories live. The results pages say how each SFT policy was made.
@@ -40,6 +45,17 @@ SUITE_DEFAULTS: dict[str, dict[str, str]] = {
                       "runs": "study_runs"},
     "metaworld": {"preset": "study_metaworld", "init": "docs/results/metaworld/init_policy",
                   "out": "docs/results/metaworld", "runs": "study_runs/metaworld"},
+    # the pre-registered confirmation of the MetaWorld claims (docs/results/metaworld_confirm/README.md)
+    "metaworld_confirm": {"preset": "study_metaworld", "init": "docs/results/metaworld/init_policy",
+                          "out": "docs/results/metaworld_confirm", "runs": "study_runs/metaworld_confirm"},
+}
+
+# Per suite, trainer settings on top of its preset that every run shares (before the study's own overrides).
+SUITE_SETTINGS: dict[str, tuple[str, ...]] = {
+    # study_metaworld except: 80 steps; greedy validation after steps 40 and 80 on 200 held-out placements
+    # (50 per task, never drawn for training), each episode's outcome in the run's validation.jsonl
+    "metaworld_confirm": ("trainer.total_steps=80", "trainer.val_every=40", "trainer.val_episodes=200",
+                          "env.val_placements=held_out"),
 }
 
 # One entry per compared selection rule: the overrides that define it (PCM.md §5-6).
@@ -52,6 +68,20 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "pcm_b16": ("pcm.strategy=pcm", "pcm.budget=16"),
     # control: the SFT policy unchanged, rolled out on the same prompts (what "no learning" scores)
     "frozen": ("pcm.strategy=full", "actor.lr=0"),
+    "pcm_unbiased": ("pcm.strategy=pcm", "pcm.budget=12", "pcm.estimator=unbiased"),
+}
+
+# Suites whose claims are a pre-registered test: the protocol, fixed before the first run, and the variants
+# run by default (the claims' arms first, then the exploratory ones).
+PROTOCOLS: dict[str, Protocol] = {
+    "metaworld_confirm": Protocol(primary=("full", "frozen", "pcm", "random", "top_phase"), seeds=tuple(range(10)),
+                                  window=(40, 80), validation_steps=(40, 80), margin=0.05, alpha=0.05,
+                                  exploratory_windows=((0, 80), (20, 40))),
+}
+SUITE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "libero_object": ("full", "pcm", "random", "top_phase", "pcm_b8", "pcm_b16", "frozen"),
+    "metaworld": ("full", "pcm", "random", "top_phase", "pcm_b8", "pcm_b16", "frozen"),
+    "metaworld_confirm": ("full", "frozen", "pcm", "random", "top_phase", "pcm_unbiased"),
 }
 
 @dataclass
@@ -64,8 +94,8 @@ class StudyConfig:
     init: Optional[str] = "default"  # SFT policy every run starts from; "default": the suite's; null: fresh weights
     runs: Optional[str] = None  # root of the run directories
     out: Optional[str] = None  # where the study page and figures go
-    seeds: list[int] = field(default_factory=lambda: [0])
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: Optional[list[int]] = None  # None: the protocol's seeds for a pre-registered suite, else [0]
+    variants: Optional[list[str]] = None  # None: the suite's (SUITE_VARIANTS)
     target: float = 0.75  # success rate that counts as reached (Table 1)
     smooth: int = 5  # training success is averaged over this many steps before the target test
     report_only: bool = False
@@ -76,6 +106,11 @@ class StudyConfig:
         for key, value in SUITE_DEFAULTS[self.suite].items():
             if getattr(self, key) in (None, "default") and (key != "init" or self.init == "default"):
                 setattr(self, key, value)
+        protocol = PROTOCOLS.get(self.suite)
+        if self.seeds is None:
+            self.seeds = list(protocol.seeds) if protocol else [0]
+        if self.variants is None:
+            self.variants = list(SUITE_VARIANTS[self.suite])
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ConfigError(f"variants must be a non-empty list from {list(VARIANTS)}, got {self.variants}")
@@ -102,7 +137,8 @@ def run_overrides(study: StudyConfig, variant: str, seed: int, extra: list[str])
     """The trainer overrides of one run: study settings, ``extra``, then the variant, seed and output dir (so
     an ``extra`` like ``actor.lr=`` cannot undo a variant's own setting, e.g. the frozen control's lr 0)."""
     init = [f"policy.path={Path(study.init).resolve()}"] if study.init else []
-    return [f"preset={study.preset}", *init, *extra, *VARIANTS[variant], f"trainer.seed={seed}",
+    return [f"preset={study.preset}", *init, *SUITE_SETTINGS.get(study.suite, ()), *extra, *VARIANTS[variant],
+            f"trainer.seed={seed}",
             f"trainer.output_dir={run_dir(study, variant, seed)}"]
 
 
@@ -129,7 +165,7 @@ def archive_runs(study: StudyConfig) -> None:
             if (directory / "metrics.jsonl").is_file():
                 target = Path(study.out) / "runs" / variant / directory.name
                 target.mkdir(parents=True, exist_ok=True)
-                for name in ("metrics.jsonl", "config.json"):
+                for name in ("metrics.jsonl", "config.json", VALIDATION_FILE):
                     if (directory / name).is_file():
                         shutil.copyfile(directory / name, target / name)
 
@@ -174,35 +210,46 @@ def setup_facts(study: StudyConfig, extra: list[str]) -> dict:
         cpu = names[0] if names else cpu
     return {"machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                         "system": platform.platform()},
-            "versions": versions, "study": asdict(study), "settings": preset_overrides(study.preset) + extra,
+            "versions": versions, "study": asdict(study),
+            "settings": preset_overrides(study.preset) + list(SUITE_SETTINGS.get(study.suite, ())) + extra,
             "variants": {name: list(overrides) for name, overrides in VARIANTS.items()}}
+
+
+def run_order(study: StudyConfig) -> list[tuple[int, str]]:
+    """(seed, variant) in training order: seed by seed; with a protocol, every seed of its claims' arms
+    before any exploratory arm."""
+    protocol = PROTOCOLS.get(study.suite)
+    first = [v for v in study.variants if protocol is None or v in protocol.primary]
+    rest = [v for v in study.variants if v not in first]
+    return [(seed, v) for group in (first, rest) for seed in study.seeds for v in group]
 
 
 def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[Path]:
     """Trains every missing (seed, variant) run, rewriting the page after each; returns its files."""
     if pool_factory is None:
         from pcm_train.training.trainer import make_env_pool as pool_factory
-    for seed in study.seeds:
-        for variant in study.variants:
-            overrides = run_overrides(study, variant, seed, extra)
-            total = load_config(overrides).trainer.total_steps  # a bad override fails before any training
-            done_elsewhere = (not (run_dir(study, variant, seed) / "metrics.jsonl").is_file()
-                              and archived_steps(archive_dir(study, variant, seed)) >= total)
-            if study.report_only or done_elsewhere:
-                continue
-            print(f"study: {variant} seed {seed} -> {run_dir(study, variant, seed)}", file=sys.stderr)
-            finished = train_one(overrides, pool_factory)
-            write_page(study, extra)
-            if not finished:
-                raise KeyboardInterrupt
+    for seed, variant in run_order(study):
+        overrides = run_overrides(study, variant, seed, extra)
+        total = load_config(overrides).trainer.total_steps  # a bad override fails before any training
+        done_elsewhere = (not (run_dir(study, variant, seed) / "metrics.jsonl").is_file()
+                          and archived_steps(archive_dir(study, variant, seed)) >= total)
+        if study.report_only or done_elsewhere:
+            continue
+        print(f"study: {variant} seed {seed} -> {run_dir(study, variant, seed)}", file=sys.stderr)
+        finished = train_one(overrides, pool_factory)
+        write_page(study, extra)
+        if not finished:
+            raise KeyboardInterrupt
     return write_page(study, extra)
 
 
 def write_page(study: StudyConfig, extra: list[str]) -> list[Path]:
     archive_runs(study)
     runs = study_report.collect_runs(Path(study.out) / "runs", list(VARIANTS))
+    protocol = PROTOCOLS.get(study.suite)
     return study_report.write_study(runs, Path(study.out), target=study.target, smooth=study.smooth,
-                                    facts=setup_facts(study, extra))
+                                    facts=setup_facts(study, extra), protocol=protocol,
+                                    margin=protocol.margin if protocol else 0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.training.metrics_log import read_metrics  # noqa: E402
+from pcm_train.tools.confirm_report import Protocol, collect_validation, confirm_section  # noqa: E402
 from pcm_train.tools.report import save_figure  # noqa: E402
 from pcm_train.tools.study_stats import (claims, curve_band, paired_difference, smoothed,  # noqa: E402
                                          success_at, t_band, target_index, to_target, train_seconds)
@@ -340,7 +341,9 @@ def _json_safe(value):
 
 
 def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, figures: list[Path], *,
-         stats: dict, claim_list: list[dict], margin: float) -> str:
+         stats: dict, claim_list: list[dict], margin: float, confirmatory: list[str] | None = None) -> str:
+    """The generated page; ``confirmatory`` (a pre-registered study's section) replaces the interval-rule
+    claims."""
     machine, versions = facts["machine"], facts["versions"]
     per_run = ["| variant | seed | steps run | steps to target | train min | final success | final val |",
                "|" + "---|" * 7]
@@ -364,12 +367,13 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         "## Success at fixed steps", "",
         f"Training success, mean of the last {smooth} steps, with a 95% t-interval over seeds.", "",
         success_table(stats), "",
-        "## Claims", "",
-        f"On the paired differences over the 2nd half (steps {horizon // 2 + 1}–{horizon}). (a) holds if the "
-        "interval is above 0, does not hold if below. (b) holds if the interval lies within "
-        f"±{margin:g}, does not hold if below −{margin:g}. (c), (d) hold if the interval is below 0, do not "
-        "hold if above. Anything else, or fewer than 2 seeds, is inconclusive; (b)–(d) need (a).", "",
-        *claims_section(claim_list), "",
+        *(confirmatory or [
+            "## Claims", "",
+            f"On the paired differences over the 2nd half (steps {horizon // 2 + 1}–{horizon}). (a) holds if the "
+            "interval is above 0, does not hold if below. (b) holds if the interval lies within "
+            f"±{margin:g}, does not hold if below −{margin:g}. (c), (d) hold if the interval is below 0, do not "
+            "hold if above. Anything else, or fewer than 2 seeds, is inconclusive; (b)–(d) need (a).", "",
+            *claims_section(claim_list), ""]),
         "## How far the policy moved", "",
         "Per rollout batch, mean over steps (± over seeds): the share of trajectories whose advantage is not 0 "
         "(a group whose rollouts all succeed or all fail carries none), the PPO mini-batch steps taken, the "
@@ -391,9 +395,11 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         ""])
 
 
-def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict, margin: float = 0.05) -> list[Path]:
+def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict, margin: float = 0.05,
+                protocol: Protocol | None = None) -> list[Path]:
     """Writes ``out/study.md``, ``out/study.json`` and the figures; returns their paths. ``margin``: how far
-    PCM may fall below full and still match it (claim (b))."""
+    PCM may fall below full and still match it (claim (b)). With a pre-registered ``protocol`` the claims
+    are its tests (``confirm_report``; validation outcomes read from ``out/runs``), under "confirmatory"."""
     if not runs:
         raise ValueError("no study runs with metrics yet; nothing to report")
     out.mkdir(parents=True, exist_ok=True)
@@ -402,10 +408,17 @@ def write_study(runs, out: Path, *, target: float, smooth: int, facts: dict, mar
     claim_list = claims(runs, horizon, horizon // 2, margin)
     figures = [fig_success(runs, out, target, smooth), fig_update_cost(runs, summary, out),
                fig_budget_ablation(summary, out), fig_allocation(runs, out), fig_time_split(summary, out)]
+    confirmatory, numbers = None, {}
+    if protocol is not None:
+        validation = collect_validation(out / "runs", runs)
+        confirmatory, numbers, more = confirm_section(runs, validation, protocol, out)
+        figures += more
+        claim_list = []  # the interval-rule claims do not apply: the protocol's tests decide
     (out / "study.md").write_text(page(summary, facts, target, smooth, horizon, figures, stats=stats,
-                                       claim_list=claim_list, margin=margin))
+                                       claim_list=claim_list, margin=margin, confirmatory=confirmatory))
     (out / "study.json").write_text(json.dumps(_json_safe(
         {"summary": summary, "horizon": horizon, "stats": stats, "claims": claim_list,
+         **({"confirmatory": numbers} if protocol is not None else {}),
          "stats_options": {"level": 0.95, "margin": margin, "success_window": smooth}, "setup": facts}),
         indent=1, allow_nan=False))
     return [out / "study.md", out / "study.json", *figures]

@@ -4,6 +4,7 @@ Layout of a run directory::
 
     RUN/config.json            the resolved configuration
     RUN/metrics.jsonl          one JSON object per step
+    RUN/validation.jsonl       one JSON object per validation episode (step, task, placement, success)
     RUN/base_policy/           the starting weights when they were freshly initialized
     RUN/checkpoints/step_000010/{policy/, trainer_state.pt}
     RUN/checkpoints/latest     name of the newest complete checkpoint

@@ -1,4 +1,5 @@
-"""Per-step metrics: one JSON object per line in ``metrics.jsonl``, plus TensorBoard and/or wandb.
+"""Per-step metrics: one JSON object per line in ``metrics.jsonl``, plus TensorBoard and/or wandb; each
+validation episode's outcome in ``validation.jsonl``.
 
 Every backend gets the same metric names (the row's keys) against the training step. On a
 resumed run the steps to redo are dropped from ``metrics.jsonl`` and TensorBoard (``purge_step``);
@@ -13,6 +14,19 @@ import secrets
 from pathlib import Path
 
 from pcm_train.config import LOGGERS
+
+
+VALIDATION_FILE = "validation.jsonl"  # per validation episode: step, task, placement, success, episode_steps
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of steps <= ``step`` of a JSON-lines log, if it exists (atomically: a crash leaves the
+    old or the new log)."""
+    from pcm_train.training.checkpoint import write_atomically
+
+    if Path(path).exists():
+        rows = [r for r in read_metrics(path) if r["step"] <= step]
+        write_atomically(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class MetricsLog:
@@ -41,11 +55,14 @@ class MetricsLog:
             self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
 
     def truncate_after(self, step: int) -> None:
-        """Keep the rows of steps <= ``step`` (atomically: a crash leaves the old or the new log)."""
-        from pcm_train.training.checkpoint import write_atomically
+        """Keep the rows of steps <= ``step`` in ``metrics.jsonl`` and ``validation.jsonl``."""
+        truncate_jsonl(self.path, step)
+        truncate_jsonl(self.path.parent / VALIDATION_FILE, step)
 
-        rows = [r for r in read_metrics(self.path) if r["step"] <= step] if self.path.exists() else []
-        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+    def write_validation(self, rows: list[dict]) -> None:
+        """Appends one row per validation episode to ``validation.jsonl`` (each must hold ``step``)."""
+        with (self.path.parent / VALIDATION_FILE).open("a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict) -> None:
         """``row`` must hold ``step``; non-finite floats are stored as null."""

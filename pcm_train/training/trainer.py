@@ -89,6 +89,7 @@ class Trainer:
         self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
         self.device = resolve_device(cfg.trainer.device, self.dist)
         self.tasks = self._task_ids()
+        self.val_episodes()  # a validation that cannot be built fails here, before anything is written
         check_policy_path(cfg.policy)
         resume_from, state = None, None
         if cfg.resume:
@@ -230,10 +231,22 @@ class Trainer:
                 for i, (t, s) in enumerate(zip(tasks, states)) for _ in range(r.group_size)]
 
     def val_episodes(self) -> list[Episode]:
-        """Fixed held-out pairs: tasks in turn, over the last val_init_states initial states."""
-        first = NUM_INIT_STATES - self.cfg.env.val_init_states
-        return [Episode(self.tasks[i % len(self.tasks)], first + (i // len(self.tasks)) % self.cfg.env.val_init_states,
-                        f"val{i}") for i in range(self.cfg.trainer.val_episodes)]
+        """Fixed held-out pairs, tasks in turn: over the last val_init_states initial states (cycled), or
+        with ``env.val_placements=held_out`` over each task's extra held-out placements in order."""
+        n, env = len(self.tasks), self.cfg.env
+        if env.val_placements == "held_out":
+            from pcm_train.envs.families import held_out_init_states
+
+            held_out = [held_out_init_states(env.suite, task) for task in self.tasks]
+            if self.cfg.trainer.val_episodes > n * len(held_out[0]):
+                raise ValueError(f"trainer.val_episodes ({self.cfg.trainer.val_episodes}) must be at most "
+                                 f"{n * len(held_out[0])} with env.val_placements=held_out ({len(held_out[0])} "
+                                 f"held-out placements for each of {n} tasks; a greedy episode would repeat)")
+            return [Episode(self.tasks[i % n], held_out[i % n][i // n], f"val{i}")
+                    for i in range(self.cfg.trainer.val_episodes)]
+        first = NUM_INIT_STATES - env.val_init_states
+        return [Episode(self.tasks[i % n], first + (i // n) % env.val_init_states, f"val{i}")
+                for i in range(self.cfg.trainer.val_episodes)]
 
     # ----- one step -----
 
@@ -285,9 +298,14 @@ class Trainer:
         if cfg.trainer.val_every and ((self.step + 1) % cfg.trainer.val_every == 0
                                       or self.step + 1 == cfg.trainer.total_steps):
             val_started = time.perf_counter()
-            val = self._rollout(self.val_episodes(), greedy=True, desc=f"step {self.step} validation")
+            episodes = self.val_episodes()
+            val = self._rollout(episodes, greedy=True, desc=f"step {self.step} validation")
             row["val/success_rate"] = float(val.batch["complete"].float().mean())
             row["val_time_s"] = time.perf_counter() - val_started
+            self.metrics.write_validation([
+                {"step": self.step, "trained_steps": self.step + 1, "task": e.task_id, "placement": e.init_state_id,
+                 "success": bool(done), "episode_steps": int(steps)}
+                for e, done, steps in zip(episodes, val.batch["complete"].tolist(), val.batch["finish_step"].tolist())])
         row["step_time_s"] = time.perf_counter() - started
         row["rollout_share"] = row["rollout_time_s"] / row["step_time_s"]
         row["update_share"] = row["update_time_s"] / row["step_time_s"]

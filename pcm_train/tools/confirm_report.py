@@ -1,0 +1,210 @@
+"""The confirmatory section of a pre-registered study page: the protocol's tests, the held-out validation
+paired per episode, and what is exploratory.
+
+``Protocol`` fixes what is tested before any run (window, seeds, margin, α, validation points); the page
+shows the confirmatory table only when every run it needs is complete, never on part of the seeds.
+Numbers come from ``confirm_stats``; runs are ``{variant: {seed: metrics rows}}`` and validation
+``{variant: {seed: validation.jsonl rows}}``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pcm_train.tools.confirm_stats import (CLAIMS, confirm_claims, validation_difference,  # noqa: E402
+                                           validation_success)
+from pcm_train.tools.report import save_figure  # noqa: E402
+from pcm_train.tools.study_stats import paired_difference, t_band  # noqa: E402
+from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a confirmatory study tests, fixed before its first run."""
+
+    primary: tuple[str, ...]  # the variants the claims compare
+    seeds: tuple[int, ...]
+    window: tuple[int, int]  # primary endpoint: steps [start, stop) (0-based rows; (40, 80) = steps 41-80)
+    validation_steps: tuple[int, ...]  # held-out validation after these many steps; the last is the secondary
+    margin: float = 0.05  # claim (b): |pcm - full| < margin
+    alpha: float = 0.05  # family-wise, Holm over the four claims
+    exploratory_windows: tuple[tuple[int, int], ...] = ()
+
+
+def collect_validation(root: Path, runs) -> dict[str, dict[int, list[dict]]]:
+    """``validation.jsonl`` rows of every complete run in ``runs`` (``root/<variant>/seed<k>/``)."""
+    out: dict[str, dict[int, list[dict]]] = {}
+    for variant, seeds in runs.items():
+        for seed in seeds:
+            path = Path(root, variant, f"seed{seed}", VALIDATION_FILE)
+            if path.is_file():
+                out.setdefault(variant, {})[seed] = read_metrics(path)
+    return out
+
+
+def primary_complete(runs, protocol: Protocol) -> list[str]:
+    """The (variant, seed) runs the confirmatory test still lacks ("variant seedK"), each needing
+    ``window[1]`` steps."""
+    return [f"{v} seed{s}" for v in protocol.primary for s in protocol.seeds
+            if len(runs.get(v, {}).get(s, [])) < protocol.window[1]]
+
+
+def _ci(d: dict | None, fmt: str = "+.3f", low: str = "low", high: str = "high") -> str:
+    if d is None or d.get("mean") is None or not math.isfinite(d["mean"]):
+        return "—"
+    return f"{d['mean']:{fmt}} [{d[low]:{fmt}}, {d[high]:{fmt}}]"
+
+
+def _p(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def claims_table(claims: list[dict]) -> str:
+    """claim / estimate with 95% interval / p / Holm decision / permutation p / leave-one-out range."""
+    lines = ["| claim | difference | estimate [95% CI] | test | p | Holm (threshold) | decision | permutation p "
+             "| leave-one-seed-out: estimate range; CI bounds range |", "|" + "---|" * 9]
+    for c in claims:
+        loo = c["leave_one_out"]
+        test = "TOST ±" + f"{c['margin']:g}, 90% CI {_ci(c, low='low90', high='high90')}" \
+            if c["alternative"] == "equivalent" else f"one-sided t, H1: {c['alternative']} than 0"
+        lines.append(
+            f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {_ci(c)} | {test} | {_p(c['p'])} "
+            f"| {'reject' if c['holm']['reject'] else 'keep'} H0 (p ≤ {c['holm']['threshold']:.4f}?) "
+            f"| **{c['decision']}** | {_p(c['permutation_p'])} "
+            f"| {loo['mean_range'][0]:+.3f} … {loo['mean_range'][1]:+.3f}; low {loo['low_range'][0]:+.3f} … "
+            f"{loo['low_range'][1]:+.3f}, high {loo['high_range'][0]:+.3f} … {loo['high_range'][1]:+.3f} |")
+    return "\n".join(lines)
+
+
+def validation_tables(validation, protocol: Protocol, variants: list[str]) -> tuple[list[str], dict]:
+    """Held-out success per variant at each validation point, and the secondary endpoints (last point)."""
+    steps = protocol.validation_steps
+    success = {v: {str(t): validation_success(validation, v, t) for t in steps} for v in variants}
+    lines = ["| variant | " + " | ".join(f"held-out success after {t} steps [95% CI]" for t in steps) + " | seeds |",
+             "|" + "---|" * (len(steps) + 2)]
+    for v in variants:
+        cells = [_ci(success[v][str(t)], ".3f") for t in steps]
+        seeds = max((s["seeds"] for s in success[v].values() if s), default=0)
+        lines.append(f"| {v} | {' | '.join(cells)} | {seeds} |")
+    last = steps[-1]
+    secondary = [validation_difference(validation, "full", "frozen", last, "greater"),
+                 validation_difference(validation, "pcm", "full", last, "equivalent", protocol.margin)]
+    lines += ["", f"Secondary endpoints after {last} steps (paired per episode within a seed, averaged per seed, "
+              "t over seeds; not part of the Holm family):", "",
+              "| difference | estimate [95% CI] | test | p | permutation p | episodes per seed | seeds |",
+              "|" + "---|" * 7]
+    for d, name in zip(secondary, ("full − frozen", "pcm − full")):
+        if d is None:
+            lines.append(f"| {name} | — | | | | | 0 |")
+            continue
+        test = f"TOST ±{protocol.margin:g}, 90% CI {_ci(d, low='low90', high='high90')}" \
+            if d["alternative"] == "equivalent" else "one-sided t, H1: greater than 0"
+        lines.append(f"| {name} | {_ci(d)} | {test} | {_p(d['p'])} | {_p(d['permutation_p'])} "
+                     f"| {min(d['episodes'].values())} | {d['seeds']} |")
+    return lines, {"success": success, "secondary": secondary}
+
+
+def exploratory(runs, validation, protocol: Protocol) -> tuple[list[str], dict]:
+    """Other windows for the four comparisons, the arms outside the claims against full and pcm, and
+    held-out differences of the other comparisons: intervals only, labelled exploratory."""
+    pairs = [(variant, reference) for _, _, variant, reference, _ in CLAIMS]
+    pairs += [(v, ref) for v in runs if v not in protocol.primary for ref in ("full", "pcm", "frozen")]
+    windows = (protocol.window, *protocol.exploratory_windows)
+    lines = ["| difference | " + " | ".join(f"steps {a + 1}–{b}" for a, b in windows) + " | seeds |",
+             "|" + "---|" * (len(windows) + 2)]
+    numbers = {}
+    for variant, reference in pairs:
+        if variant not in runs or reference not in runs:
+            continue
+        ds = [paired_difference(runs, variant, reference, b, a) for a, b in windows]
+        numbers[f"{variant}-{reference}"] = {f"{a + 1}-{b}": d for (a, b), d in zip(windows, ds)}
+        lines.append(f"| {variant} − {reference} | " + " | ".join(_ci(d) for d in ds) + f" | {ds[0]['seeds']} |")
+    last = protocol.validation_steps[-1]
+    held = [("random", "full"), ("top_phase", "full")] + [(v, "full") for v in runs if v not in protocol.primary]
+    lines += ["", f"Held-out success after {last} steps, paired per episode (exploratory):", "",
+              "| difference | estimate [95% CI] | seeds |", "|---|---|---|"]
+    for variant, reference in held:
+        d = validation_difference(validation, variant, reference, last, "less")
+        numbers[f"val-{variant}-{reference}"] = d
+        lines.append(f"| {variant} − {reference} | {_ci(d)} | {d['seeds'] if d else 0} |")
+    return lines, numbers
+
+
+def fig_confirm(runs, protocol: Protocol, out: Path) -> Path:
+    """Per-step training success per variant (mean over seeds, 95% t-band) and each claim's paired
+    per-step difference with its band; the primary window shaded."""
+    fig, (curves, diffs) = plt.subplots(1, 2, figsize=(13, 4.4))
+    start, stop = protocol.window
+    for variant, seeds in runs.items():
+        n = min(len(rows) for rows in seeds.values())
+        mean, low, high = t_band([[r["success_rate"] for r in rows[:n]] for rows in seeds.values()])
+        (line,) = curves.plot(np.arange(1, n + 1), mean, lw=1, label=f"{variant} ({len(seeds)} seeds)")
+        if np.isfinite(low).any():
+            curves.fill_between(np.arange(1, n + 1), low, high, color=line.get_color(), alpha=0.12)
+    for key, _, variant, reference, _ in CLAIMS:
+        common = sorted(set(runs.get(variant, {})) & set(runs.get(reference, {})))
+        if len(common) < 2:
+            continue
+        n = min(min(len(runs[variant][s]), len(runs[reference][s])) for s in common)
+        d = [[a["success_rate"] - b["success_rate"] for a, b in zip(runs[variant][s][:n], runs[reference][s][:n])]
+             for s in common]
+        mean, low, high = t_band(d)
+        (line,) = diffs.plot(np.arange(1, n + 1), mean, lw=1, label=f"({key}) {variant} − {reference}")
+        diffs.fill_between(np.arange(1, n + 1), low, high, color=line.get_color(), alpha=0.12)
+    diffs.axhline(0, color="black", lw=0.8)
+    for bound in (-protocol.margin, protocol.margin):
+        diffs.axhline(bound, color="grey", lw=0.8, ls=":")
+    for ax in (curves, diffs):
+        ax.axvspan(start + 0.5, stop + 0.5, color="grey", alpha=0.08)
+        ax.set_xlabel("step")
+    curves.set(ylabel="training success (per step)", ylim=(-0.02, 1.02),
+               title="training success, mean and 95% t-band over seeds")
+    diffs.set(ylabel="paired difference in training success", title="claims' per-step differences (95% t-band)")
+    curves.legend(fontsize=7)
+    diffs.legend(fontsize=7)
+    return save_figure(fig, out / "confirm_curves.png", dpi=100)
+
+
+def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[list[str], dict, list[Path]]:
+    """Markdown lines, JSON-ready numbers and figures of the confirmatory section."""
+    a, b = protocol.window
+    missing = primary_complete(runs, protocol)
+    lines = ["## Confirmatory analysis (fixed before the runs)", "",
+             f"Primary endpoint: per seed, the mean over steps {a + 1}–{b} of the per-step difference in training "
+             f"success between two variants trained on the same prompts; seeds {list(protocol.seeds)}. One-sided "
+             f"Student-t tests over the {len(protocol.seeds)} per-seed values ({len(protocol.seeds) - 1} degrees of "
+             f"freedom), (b) by TOST within ±{protocol.margin:g}; Holm–Bonferroni over the four p-values at "
+             f"family-wise α = {protocol.alpha:g}. A claim holds only if Holm rejects its null, else it is "
+             "\"not shown\". The permutation p (all sign flips) and the leave-one-seed-out ranges are robustness "
+             "checks beside each claim; they do not decide it.", ""]
+    numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing}
+    figures = [fig_confirm(runs, protocol, out)] if runs else []
+    if missing:
+        lines += [f"**In progress**: {len(missing)} of {len(protocol.primary) * len(protocol.seeds)} primary runs "
+                  f"are not complete yet ({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The "
+                  "confirmatory table appears when all are; it is never computed on part of the seeds.", ""]
+    else:
+        claims = confirm_claims(runs, protocol.window, list(protocol.seeds), protocol.margin, protocol.alpha)
+        for claim in claims:
+            claim["margin"] = protocol.margin
+        numbers["claims"] = claims
+        lines += [claims_table(claims), ""]
+    variants = [v for v in runs if v in validation]
+    val_lines, numbers["validation"] = validation_tables(validation, protocol, variants)
+    lines += ["## Held-out validation", "",
+              f"Greedy episodes on held-out placements, the same for every variant and seed, after "
+              f"{' and '.join(str(t) for t in protocol.validation_steps)} steps; every episode's outcome is in the "
+              f"run's `{VALIDATION_FILE}`.", "", *val_lines, ""]
+    exp_lines, numbers["exploratory"] = exploratory(runs, validation, protocol)
+    lines += ["## Exploratory (not part of the claims)", "",
+              "Other windows, the arms outside the claims and other held-out comparisons: 95% t-intervals over the "
+              "seeds each has, no tests, no corrections.", "", *exp_lines, "",
+              *[f"![{p.stem}]({p.name})" for p in figures], ""]
+    return lines, numbers, figures

@@ -1,0 +1,206 @@
+"""Confirmatory statistics over seeds: one-sided t-tests, TOST equivalence, Holm's step-down, the exact
+sign-flip permutation p, leave-one-seed-out intervals; and the pre-registered claims built from them.
+
+Every test takes per-seed values (the seed is the unit: each is one seed's mean paired difference) and a
+null that the claim must reject:
+
+- ``greater``: H0 mean <= 0, the claim is mean > 0 (full beats frozen);
+- ``less``: H0 mean >= 0, the claim is mean < 0 (random / top-phase behind full);
+- ``equivalent``: H0 |mean| >= margin, the claim is |mean| < margin (PCM matches full), by two one-sided
+  tests (TOST): p is the larger of the two, and the interval TOST uses is the 1 − 2α (90%) interval.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from scipy import stats
+
+from pcm_train.tools.study_stats import paired_difference, t_interval
+
+ALTERNATIVES = ("greater", "less", "equivalent")
+
+
+def _values(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) < 2 or not np.isfinite(values).all():
+        raise ValueError(f"values must be at least 2 finite per-seed numbers, got {values.tolist()}")
+    return values
+
+
+def one_sided_t(values, alternative: str, null: float = 0.0) -> float:
+    """p of Student's one-sided one-sample t-test (n − 1 degrees of freedom) of mean > ``null``
+    (``greater``) or mean < ``null`` (``less``). With zero spread: 0 if every value is beyond ``null``, else 1."""
+    values = _values(values) - null
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    sign = 1.0 if alternative == "greater" else -1.0
+    sd = values.std(ddof=1)
+    if sd == 0.0:
+        return 0.0 if sign * values[0] > 0 else 1.0
+    t = sign * values.mean() / (sd / math.sqrt(len(values)))
+    return float(stats.t.sf(t, len(values) - 1))
+
+
+def tost(values, margin: float) -> float:
+    """p of the two one-sided tests of |mean| < ``margin``: the larger of p(mean > −margin), p(mean < margin)."""
+    if not margin > 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    return max(one_sided_t(values, "greater", -margin), one_sided_t(values, "less", margin))
+
+
+def t_test(values, alternative: str, margin: float = 0.0) -> float:
+    """p of the claim's test: ``one_sided_t`` against 0, or ``tost`` with ``margin`` for ``equivalent``."""
+    if alternative == "equivalent":
+        return tost(values, margin)
+    return one_sided_t(values, alternative)
+
+
+def sign_flip_p(values, alternative: str, margin: float = 0.0) -> float:
+    """Exact sign-flip permutation p (all 2^n sign patterns, the observed one included) of the same claim:
+    under H0 the values minus the null mean are symmetric about 0, so flipping signs gives the null
+    distribution of their mean. ``equivalent``: the larger of the two one-sided permutation p's."""
+    values = _values(values)
+    if alternative == "equivalent":
+        return max(_flip_p(values + margin, 1.0), _flip_p(values - margin, -1.0))
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+    return _flip_p(values, 1.0 if alternative == "greater" else -1.0)
+
+
+def _flip_p(centred: np.ndarray, sign: float) -> float:
+    """Share of sign patterns whose mean of ``sign * centred`` is at least the observed one."""
+    if len(centred) > 20:
+        raise ValueError(f"the exact sign-flip test enumerates 2^n patterns; n = {len(centred)} is too many")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(centred))))
+    means = signs @ (sign * centred) / len(centred)
+    observed = (sign * centred).mean()
+    return float(np.mean(means >= observed - 1e-12 * max(1.0, abs(observed))))
+
+
+def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, dict]:
+    """Holm–Bonferroni step-down over ``{name: p}`` at family-wise ``alpha``: sorted ascending, the k-th
+    smallest (k = 0, 1, ...) is rejected if p ≤ alpha / (m − k) and every smaller one was; the first that
+    fails stops it. Returns per name {"p", "rank" (0-based), "threshold", "reject", "adjusted_p"} (the Holm
+    adjusted p: the running maximum of min(1, (m − k) p))."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    order = sorted(pvalues, key=lambda name: pvalues[name])
+    m, out, stopped, running = len(order), {}, False, 0.0
+    for rank, name in enumerate(order):
+        p = pvalues[name]
+        threshold = alpha / (m - rank)
+        stopped = stopped or not p <= threshold
+        running = max(running, min(1.0, (m - rank) * p))
+        out[name] = {"p": p, "rank": rank, "threshold": threshold, "reject": not stopped, "adjusted_p": running}
+    return out
+
+
+def leave_one_out(per_seed: dict[int, float], level: float = 0.95) -> dict:
+    """The t-interval of the mean with each seed left out in turn: {"per_seed": {left-out seed: {"mean",
+    "low", "high"}}, "mean_range", "low_range", "high_range"} (each a [min, max] over the left-out seeds)."""
+    seeds = sorted(per_seed)
+    each = {}
+    for seed in seeds:
+        mean, low, high, _ = t_interval([per_seed[s] for s in seeds if s != seed], level)
+        each[seed] = {"mean": mean, "low": low, "high": high}
+    span = lambda key: [min(e[key] for e in each.values()), max(e[key] for e in each.values())]  # noqa: E731
+    return {"per_seed": each, "mean_range": span("mean"), "low_range": span("low"), "high_range": span("high")}
+
+
+def evaluate_claim(per_seed: dict[int, float], alternative: str, margin: float = 0.0) -> dict:
+    """Every number a claim's row reports: mean, 95% interval (and the 90% one), t-test p, permutation p,
+    leave-one-out intervals, and the seeds used."""
+    values = [per_seed[s] for s in sorted(per_seed)]
+    mean, low, high, n = t_interval(values, 0.95)
+    _, low90, high90, _ = t_interval(values, 0.90)
+    return {"mean": mean, "low": low, "high": high, "low90": low90, "high90": high90, "seeds": n,
+            "p": t_test(values, alternative, margin), "permutation_p": sign_flip_p(values, alternative, margin),
+            "leave_one_out": leave_one_out(per_seed), "per_seed": dict(sorted(per_seed.items()))}
+
+
+# The pre-registered claims (docs/results/metaworld_confirm/README.md): id, statement, variant, reference,
+# alternative. (b) is tested as equivalence within ±margin.
+CLAIMS = (("a", "GRPO learns: full beats the frozen policy", "full", "frozen", "greater"),
+          ("b", "PCM matches full (|pcm − full| < margin)", "pcm", "full", "equivalent"),
+          ("c", "random selection falls behind full", "random", "full", "less"),
+          ("d", "top-phase selection falls behind full", "top_phase", "full", "less"))
+
+
+def confirm_claims(runs, window: tuple[int, int], seeds: list[int], margin: float = 0.05,
+                   alpha: float = 0.05) -> list[dict]:
+    """The four claims on training success, per seed the mean over steps [window[0], window[1]) (0-based
+    rows) of the variant minus the reference; only ``seeds`` (all must be present in both runs, with the
+    window's steps). Each claim: ``evaluate_claim`` fields plus "id", "claim", "variant", "reference",
+    "alternative", "holm" (``holm`` over the four p's) and "decision" ("holds" if Holm rejects its null,
+    else "not shown"). Raises ValueError when a required run is missing: a confirmatory test is never run
+    on fewer seeds than fixed."""
+    start, stop = window
+    out, pvalues = [], {}
+    for key, text, variant, reference, alternative in CLAIMS:
+        d = paired_difference(runs, variant, reference, stop, start)
+        missing = sorted(set(seeds) - set(d["per_seed"]))
+        if missing:
+            raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run "
+                             f"of {stop} steps in both")
+        result = evaluate_claim({s: d["per_seed"][s] for s in seeds}, alternative, margin)
+        out.append({"id": key, "claim": text.replace("margin", f"{margin:g}"), "variant": variant,
+                    "reference": reference, "alternative": alternative, "steps": [start, stop], **result})
+        pvalues[key] = result["p"]
+    decisions = holm(pvalues, alpha)
+    for claim in out:
+        claim["holm"] = decisions[claim["id"]]
+        claim["decision"] = "holds" if claim["holm"]["reject"] else "not shown"
+    return out
+
+
+def validation_outcomes(rows: list[dict], trained_steps: int) -> dict[tuple[int, int], float]:
+    """``{(task, placement): success}`` of one run's validation after ``trained_steps`` steps (rows of its
+    ``validation.jsonl``); ValueError if an episode appears twice."""
+    out = {}
+    for row in rows:
+        if row["trained_steps"] == trained_steps:
+            key = (int(row["task"]), int(row["placement"]))
+            if key in out:
+                raise ValueError(f"validation after {trained_steps} steps lists episode {key} twice")
+            out[key] = float(bool(row["success"]))
+    return out
+
+
+def validation_difference(validation, variant: str, reference: str, trained_steps: int,
+                          alternative: str, margin: float = 0.0) -> dict | None:
+    """Held-out success of ``variant`` minus ``reference`` after ``trained_steps`` steps, paired per
+    episode (same task and placement) within a seed, averaged per seed; ``evaluate_claim`` over the seeds
+    both have (None with fewer than 2). ``validation``: ``{variant: {seed: validation.jsonl rows}}``.
+    Adds "episodes" (per seed, the number paired). ValueError if a seed's two runs scored different episodes."""
+    a, b = validation.get(variant, {}), validation.get(reference, {})
+    per_seed, episodes = {}, {}
+    for seed in sorted(set(a) & set(b)):
+        x, y = validation_outcomes(a[seed], trained_steps), validation_outcomes(b[seed], trained_steps)
+        if not x or not y:
+            continue
+        if set(x) != set(y):
+            raise ValueError(f"seed {seed}: {variant} and {reference} were validated on different episodes "
+                             f"after {trained_steps} steps")
+        per_seed[seed] = float(np.mean([x[k] - y[k] for k in sorted(x)]))
+        episodes[seed] = len(x)
+    if len(per_seed) < 2:
+        return None
+    return {**evaluate_claim(per_seed, alternative, margin), "variant": variant, "reference": reference,
+            "trained_steps": trained_steps, "alternative": alternative, "episodes": episodes}
+
+
+def validation_success(validation, variant: str, trained_steps: int) -> dict | None:
+    """Held-out success of ``variant`` after ``trained_steps`` steps: per seed the share of its episodes
+    that succeeded; a 95% t-interval over seeds ({"mean", "low", "high", "seeds", "per_seed"}), None if no
+    seed has that validation."""
+    per_seed = {}
+    for seed, rows in sorted(validation.get(variant, {}).items()):
+        outcomes = validation_outcomes(rows, trained_steps)
+        if outcomes:
+            per_seed[seed] = float(np.mean(list(outcomes.values())))
+    if not per_seed:
+        return None
+    mean, low, high, n = t_interval(list(per_seed.values()))
+    return {"mean": mean, "low": low, "high": high, "seeds": n, "per_seed": per_seed}
