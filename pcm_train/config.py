@@ -47,7 +47,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 # The small VLA behaviour-cloned on scripted LIBERO-Object demonstrations, state mode (shipped with the
-# package; docs/results/README.md says how it was made): its rollouts succeed about half the time.
+# package; docs/results/libero_object_first/README.md says how it was made): its rollouts succeed about half the time.
 # In YAML: ${pcm_asset:libero_object_state_sft}.
 SFT_POLICY = str(ASSET_DIR / "libero_object_state_sft")
 OmegaConf.register_new_resolver("pcm_asset", lambda name: str(ASSET_DIR / name), replace=True)

@@ -41,7 +41,8 @@ from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics
 # Per suite: the trainer preset every run shares, the committed SFT starting point, where the page goes and
 # where the run directories live. The results pages say how each SFT policy was made.
 SUITE_DEFAULTS: dict[str, dict[str, str]] = {
-    "libero_object": {"preset": "study", "init": "docs/results/init_policy", "out": "docs/results",
+    "libero_object": {"preset": "study", "init": "docs/results/libero_object_first/init_policy",
+                      "out": "docs/results/libero_object_first",
                       "runs": "study_runs"},
     "metaworld": {"preset": "study_metaworld", "init": "docs/results/metaworld/init_policy",
                   "out": "docs/results/metaworld", "runs": "study_runs/metaworld"},
