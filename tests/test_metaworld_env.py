@@ -366,7 +366,9 @@ def test_worker_pool_reports_the_fingers(env):
         pool.reset([(0, 7)])
         reported = []
         for start in range(0, len(actions), CHUNK):
+            busy = pool.env_busy_s
             result = pool.step_chunk(actions[None, start:start + CHUNK], np.ones(1, dtype=bool))
+            assert pool.env_busy_s > busy  # the worker reports the time its env took
             assert len(result.gripper_closed[0]) == result.steps[0]
             reported.extend(result.gripper_closed[0].tolist())
             if result.done[0]:

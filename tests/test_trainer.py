@@ -1,5 +1,6 @@
 """The training loop on a fake env pool: metrics, checkpoints, resume, Ctrl-C, reports, errors."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -132,6 +133,47 @@ def test_rollout_in_waves_equals_one_batch_in_flight():
     assert list(waves.non_tensor_batch["task_id"]) == [e.task_id for e in episodes]
 
 
+class TimedPool(FakePool):
+    """A FakePool whose envs report 5 ms of work per episode per reset or chunk, and take real time doing it."""
+
+    env_busy_s = 0.0
+    workers = [None, None]
+
+    def reset(self, episodes):
+        self.env_busy_s += 0.005 * len(episodes)
+        return super().reset(episodes)
+
+    def step_chunk(self, actions, active):
+        time.sleep(0.002)
+        self.env_busy_s += 0.005 * int(np.sum(active & ~np.array([e[3] >= self.close_steps for e in self.episodes])))
+        return super().step_chunk(actions, active)
+
+
+def test_rollout_stats_split_the_wall_clock():
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+    from pcm_train.training.rollout import RolloutStats
+
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    episodes = [Episode(task, state, f"{task}") for task, state in [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5)]]
+    pool = TimedPool(image_size=16, close_steps=10, max_steps=40, num_slots=2)
+    stats = RolloutStats()
+    batch = collect_rollouts(policy, pool, episodes, max_chunks=5, temperature=1.6, stats=stats)
+    assert stats.env_steps == int(batch.batch["finish_step"].sum()) > 0
+    chunks = int(((batch.batch["finish_step"] + 7) // 8).sum())  # chunks each episode was stepped
+    assert stats.env_s == pytest.approx(0.005 * (len(episodes) + chunks))  # over all 3 waves
+    assert stats.wait_s >= 0.002 * 5 and stats.policy_s > 0
+    assert stats.policy_s + stats.wait_s <= stats.wall_s
+    row = stats.metrics()
+    assert row["rollout/env_steps_per_s"] == pytest.approx(stats.env_steps / stats.wall_s)
+    assert row["rollout/env_busy_fraction"] == pytest.approx(stats.env_s / (2 * stats.wall_s))
+    # a pool that does not report its envs' time: no env_s, no busy fraction
+    plain = RolloutStats()
+    collect_rollouts(policy, FakePool(image_size=16, close_steps=10, max_steps=40), episodes, max_chunks=5,
+                     temperature=1.6, stats=plain)
+    assert plain.env_s is None and "rollout/env_s" not in plain.metrics() and plain.env_steps > 0
+
+
 def test_rollout_waves_check_the_pools_prompts():
     from pcm_train.policies import SmallVLA, SmallVLAConfig
 
@@ -154,6 +196,7 @@ def test_two_steps_write_metrics_checkpoint_and_report(tmp_path, strategy):
     rows = read_metrics(trainer.run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
     for key in ("success_rate", "update_time_s", "rollout_time_s", "step_time_s", "update_share",
+                "rollout/policy_s", "rollout/wait_s", "rollout/env_steps_per_s",
                 "activation_bytes", "pcm/keep_prob/active_grip", "pcm/kept_per_traj/active_grip", "actor/pg_loss"):
         assert key in rows[0], key
     assert "val/success_rate" in rows[1] and "val/success_rate" not in rows[0]
@@ -212,7 +255,8 @@ def test_validation_outcomes_are_saved_per_episode_and_redone_on_resume(tmp_path
     first.close()
     with (tmp_path / "resumed" / "validation.jsonl").open("a") as f:
         f.write(json.dumps({"step": 2, "trained_steps": 3, "task": 0, "placement": 40, "success": False}) + "\n")
-    resumed = Trainer(load_config(resolve_overrides([f"resume={tmp_path / 'resumed'}"])), fake_pool_factory(close_steps=6))
+    resumed = Trainer(load_config(resolve_overrides([f"resume={tmp_path / 'resumed'}"])),
+                      fake_pool_factory(close_steps=6))
     resumed.run()
     resumed.close()
     assert read_metrics(tmp_path / "resumed" / "validation.jsonl") == rows

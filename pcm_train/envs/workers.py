@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,32 +139,55 @@ class _EnvWorker:
     def __init__(self, suite: str, num_envs: int, env_options: dict):
         _single_threaded()
         self._envs = [make_env(suite, **env_options) for _ in range(num_envs)]
+        self._tasks: list[int | None] = [None] * num_envs  # task each env was last reset to
 
     def pid(self) -> int:
         """The worker's process id (diagnostics, fault-injection tests)."""
         return os.getpid()
 
-    def restore(self, jobs: list[tuple[int, int, int, np.ndarray]]) -> list[dict]:
-        """Per job (slot, task_id, init_state_id, actions [N, 7]): reset, replay the actions; the obs."""
+    def restore(self, jobs: list[tuple[int, int, int, np.ndarray]]) -> list[tuple[dict, float]]:
+        """Per job (slot, task_id, init_state_id, actions [N, 7]): reset, replay the actions; (the obs,
+        seconds this env took)."""
         observations = []
         for slot, task_id, init_state_id, actions in jobs:
+            started = time.perf_counter()
             env = self._envs[slot]
             obs, _ = env.reset(task_id=task_id, init_state_id=init_state_id)
+            self._tasks[slot] = task_id
             if len(actions):
                 obs, _, terminated, truncated, info = env.step_chunk(actions)
                 if terminated or truncated or info["chunk_steps"] != len(actions):
                     raise RuntimeError(f"replaying {len(actions)} actions of task {task_id}, initial state "
                                        f"{init_state_id} ended the episode early: the simulator is not deterministic")
-            observations.append(obs)
+            observations.append((obs, time.perf_counter() - started))
         return observations
+
+    def run_open_loop(self, jobs: list[tuple[int, int, np.ndarray]], chunk: int) -> tuple[int, float]:
+        """Per job (task_id, init_state_id, actions [N, 7]): reset an env (one already on the task when there
+        is one) and execute the actions ``chunk`` at a time until the episode ends: no policy, no driver in
+        the loop. Returns (env steps executed, seconds)."""
+        started, steps = time.perf_counter(), 0
+        for task_id, init_state_id, actions in jobs:
+            slot = self._tasks.index(task_id) if task_id in self._tasks else 0
+            env = self._envs[slot]
+            env.reset(task_id=task_id, init_state_id=init_state_id)
+            self._tasks[slot] = task_id
+            for start in range(0, len(actions), chunk):
+                _, _, terminated, truncated, info = env.step_chunk(actions[start:start + chunk])
+                steps += info["chunk_steps"]
+                if terminated or truncated:
+                    break
+        return steps, time.perf_counter() - started
 
     def step_chunk(self, jobs: list[tuple[int, np.ndarray]]) -> list[tuple]:
         """Per job (slot, actions [L, 7]): (obs, reward, terminated, truncated, steps executed, fingers closed
-        bool [steps] or None where the env does not report them)."""
+        bool [steps] or None where the env does not report them, seconds the env took)."""
         results = []
         for slot, actions in jobs:
+            started = time.perf_counter()
             obs, reward, terminated, truncated, info = self._envs[slot].step_chunk(actions)
-            results.append((obs, reward, terminated, truncated, info["chunk_steps"], info.get("gripper_closed")))
+            results.append((obs, reward, terminated, truncated, info["chunk_steps"], info.get("gripper_closed"),
+                            time.perf_counter() - started))
         return results
 
 
@@ -203,6 +227,7 @@ class EnvWorkerPool:
         self.step_timeout_s = step_timeout_s
         self.max_restarts = max_restarts
         self.restarts = 0  # workers replaced so far
+        self.env_busy_s = 0.0  # seconds the envs spent resetting, replaying and stepping, summed over workers
         self._workers: list = []
         self._episodes: list[_Episode] = []
         self._closed = False
@@ -268,10 +293,12 @@ class EnvWorkerPool:
         slots = self._assign_slots([task_id for task_id, _ in episodes])
         jobs = self._by_worker({index: (slot, *episode, np.zeros((0, ACTION_DIM)))
                                 for index, (slot, episode) in enumerate(zip(slots, episodes))})
-        observations = self._call("restore", jobs, self.reset_timeout_s, episodes)
+        restored = self._call("restore", jobs, self.reset_timeout_s, episodes)
         for index, ((task_id, init_state_id), slot) in enumerate(zip(episodes, slots)):
             self._slot_task[slot] = task_id
-            self._episodes.append(_Episode(task_id, init_state_id, slot, observations[index]))
+            obs, seconds = restored[index]
+            self.env_busy_s += seconds
+            self._episodes.append(_Episode(task_id, init_state_id, slot, obs))
         self._record_ray_processes()  # the worker processes exist by now
         return [episode.obs for episode in self._episodes]
 
@@ -305,14 +332,40 @@ class EnvWorkerPool:
         closed: list[np.ndarray | None] = [np.zeros(0, dtype=bool)] * num_episodes
         for index in running:
             episode = self._episodes[index]
-            episode.obs, reward[index], episode.terminated, episode.truncated, steps[index], closed[index] = \
+            episode.obs, reward[index], episode.terminated, episode.truncated, steps[index], closed[index], seconds = \
                 results[index]
+            self.env_busy_s += seconds
             episode.actions.append(actions[index, :steps[index]].copy())  # the caller may reuse its buffer
         return ChunkResult(
             obs=[episode.obs for episode in self._episodes], reward=reward,
             terminated=np.array([episode.terminated for episode in self._episodes]),
             truncated=np.array([episode.truncated for episode in self._episodes]), steps=steps,
             gripper_closed=closed)
+
+    def run_open_loop(self, episodes: list[tuple[int, int]], actions: list[np.ndarray], chunk: int,
+                      timeout_s: float = 3600.0) -> dict:
+        """The envs' own throughput: each worker executes its share of the episodes' fixed ``actions`` (float
+        [N_e, 7] each) in its own loop, no policy and no per-chunk round trip; episodes go to workers
+        longest first onto the least loaded one (by actions). Ends any running batch. Returns {"steps",
+        "wall_s", "worker_s" (each worker's own seconds)}. No worker replacement: a lost worker raises."""
+        self._check_open()
+        if len(episodes) != len(actions) or not episodes:
+            raise ValueError(f"episodes and actions must be non-empty and of equal length, got {len(episodes)} "
+                             f"and {len(actions)}")
+        self._episodes = []
+        jobs: list[list] = [[] for _ in self._workers]
+        load = [0] * len(self._workers)
+        for index in sorted(range(len(episodes)), key=lambda i: -len(actions[i])):
+            worker = load.index(min(load))
+            jobs[worker].append((*map(int, episodes[index]), np.asarray(actions[index], dtype=np.float64)))
+            load[worker] += len(actions[index])
+        started = time.perf_counter()
+        refs = [worker.run_open_loop.remote(batch, chunk) for worker, batch in zip(self._workers, jobs) if batch]
+        results = ray.get(refs, timeout=timeout_s)
+        wall = time.perf_counter() - started
+        self._slot_task = [None] * self.num_slots  # the envs were reset outside the slot bookkeeping
+        return {"steps": sum(steps for steps, _ in results), "wall_s": wall,
+                "worker_s": [seconds for _, seconds in results]}
 
     def close(self) -> None:
         """Stop the workers and, if the pool started it, the Ray instance with every process it ran.
@@ -453,7 +506,8 @@ class EnvWorkerPool:
         if worker in failures:
             logger.warning("the replacement of env worker %d %s while replaying %s; the re-issued call will "
                            "replace it again", worker, failures[worker], _episode_list(jobs, episodes))
-        for index, obs in zip(jobs, values.get(worker, [])):
+        for index, (obs, seconds) in zip(jobs, values.get(worker, [])):
+            self.env_busy_s += seconds
             self._episodes[index].obs = obs
             self._slot_task[self._episodes[index].slot] = self._episodes[index].task_id
         self._record_ray_processes()

@@ -11,6 +11,7 @@ step time between rollout and update (Fig. 1 right); plus ``summary.md``.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from pcm_train.cli import argument_parser, run_command
 from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
@@ -89,18 +91,28 @@ def plot_phase_scores(runs, out: Path) -> Path:
 
 
 def plot_time_split(runs, out: Path) -> Path:
+    """Seconds per step: the rollout split into the policy, waiting on the envs and the rest (runs that
+    recorded ``rollout/policy_s``; older runs show one rollout bar), the actor update, everything else."""
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(runs), 4))
     labels = list(runs)
     rollout = [_mean(rows, "rollout_time_s") for rows in runs.values()]
-    update = [_mean(rows, "update_time_s") for rows in runs.values()]
-    other = [max(_mean(rows, "step_time_s") - r - u, 0.0) for rows, r, u in zip(runs.values(), rollout, update)]
-    ax.bar(labels, rollout, label="rollout")
-    ax.bar(labels, update, bottom=rollout, label="actor update")
-    ax.bar(labels, other, bottom=[r + u for r, u in zip(rollout, update)], label="other")
-    for i, (r, u, o) in enumerate(zip(rollout, update, other)):
-        total = r + u + o
+    policy = [_mean(rows, "rollout/policy_s") for rows in runs.values()]
+    wait = [_mean(rows, "rollout/wait_s") for rows in runs.values()]
+    parts = {"rollout: policy": [0.0 if math.isnan(p) else p for p in policy],
+             "rollout: waiting on envs": [0.0 if math.isnan(w) else w for w in wait]}
+    parts["rollout: other" if any(not math.isnan(p) for p in policy) else "rollout"] = [
+        max(r - a - b, 0.0) for r, a, b in zip(rollout, *parts.values())]
+    parts["actor update"] = [_mean(rows, "update_time_s") for rows in runs.values()]
+    parts["other"] = [max(_mean(rows, "step_time_s") - r - u, 0.0)
+                      for rows, r, u in zip(runs.values(), rollout, parts["actor update"])]
+    bottom = np.zeros(len(labels))
+    for name, values in parts.items():
+        if any(values):
+            ax.bar(labels, values, bottom=bottom, label=name)
+        bottom += np.array(values)
+    for i, (r, u, total) in enumerate(zip(rollout, parts["actor update"], bottom)):
         ax.text(i, total, f"update {u / total:.0%}\nrollout {r / total:.0%}", ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(top=1.3 * max(r + u + o for r, u, o in zip(rollout, update, other)))
+    ax.set_ylim(top=1.3 * max(bottom))
     ax.set(ylabel="seconds per step", title="where a step's time goes")
     ax.tick_params(axis="x", labelsize=7, rotation=15)
     ax.legend(fontsize=7)
@@ -117,14 +129,17 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
 
 def summary_markdown(runs) -> str:
     lines = ["| run | steps | final train success | final val success | update s/step | rollout s/step "
-             "| update share | activation MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| rollout: policy / waiting on envs s | env steps/s | update share | activation MiB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in runs.items():
         val = [r for r in rows if r.get("val/success_rate") is not None]
         update, step = _mean(rows, "update_time_s"), _mean(rows, "step_time_s")
         lines.append(
             f"| {label} | {rows[-1]['step'] + 1} | {rows[-1]['success_rate']:.2f} | "
             f"{val[-1]['val/success_rate'] if val else float('nan'):.2f} | {update:.2f} | "
-            f"{_mean(rows, 'rollout_time_s'):.2f} | {update / step:.0%} | "
+            f"{_mean(rows, 'rollout_time_s'):.2f} | {_mean(rows, 'rollout/policy_s'):.2f} / "
+            f"{_mean(rows, 'rollout/wait_s'):.2f} | {_mean(rows, 'rollout/env_steps_per_s'):.0f} "
+            f"| {update / step:.0%} | "
             f"{_mean(rows, 'activation_bytes') / 2**20:.1f} | {_mean(rows, 'peak_memory_bytes') / 2**20:.0f} |")
     if len(runs) > 1:
         base_label, base_rows = next(iter(runs.items()))

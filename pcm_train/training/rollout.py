@@ -9,6 +9,7 @@ through ``policy.observations_to_inputs`` (images, or states for a state-mode po
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -35,6 +36,42 @@ class EnvPool(Protocol):
         ``gripper_closed`` where the env reports them)."""
 
 
+@dataclass
+class RolloutStats:
+    """Where a rollout's wall-clock went (seconds, accumulated over its waves by ``collect_rollouts``)."""
+
+    wall_s: float = 0.0  # the whole rollout
+    policy_s: float = 0.0  # the policy: encoding prompts and observations, acting
+    wait_s: float = 0.0  # the driver blocked on the env pool (resets and chunk steps): the policy idles
+    env_s: float | None = None  # the env workers' own busy time, summed over workers (pools that report it)
+    env_steps: int = 0  # env steps executed
+    num_workers: int | None = None  # env workers (pools that report it)
+
+    def metrics(self) -> dict:
+        """``rollout/...`` keys for a metrics row; ``env_busy_fraction``: env_s over workers × wall_s."""
+        row = {"rollout/policy_s": self.policy_s, "rollout/wait_s": self.wait_s,
+               "rollout/env_steps": self.env_steps,
+               "rollout/env_steps_per_s": self.env_steps / self.wall_s if self.wall_s > 0 else 0.0}
+        if self.env_s is not None:
+            row["rollout/env_s"] = self.env_s
+            if self.num_workers and self.wall_s > 0:
+                row["rollout/env_busy_fraction"] = self.env_s / (self.num_workers * self.wall_s)
+        return row
+
+
+class _Clock:
+    """Adds the seconds spent in a ``with`` block to one field of a ``RolloutStats``."""
+
+    def __init__(self, stats: RolloutStats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        setattr(self.stats, self.name, getattr(self.stats, self.name) + time.perf_counter() - self.started)
+
+
 class StopRequested(Exception):
     """Ctrl-C arrived; the trainer saves and exits at the next safe point."""
 
@@ -51,7 +88,8 @@ class Episode:
 @torch.no_grad()
 def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
                      greedy: bool = False, generator: torch.Generator | None = None,
-                     desc: str = "rollout", should_stop=lambda: False, gripper_signal: str = "command") -> DataProto:
+                     desc: str = "rollout", should_stop=lambda: False, gripper_signal: str = "command",
+                     stats: RolloutStats | None = None) -> DataProto:
     """Run every episode to success or ``max_chunks`` chunks; returns the batch (LAYOUT.md keys plus
     ``gripper`` float [E, C, L], the phase labeler's per-step gripper signal, +1 closed / -1 open:
     the executed env-space gripper commands for ``gripper_signal="command"``, the fingers the env
@@ -63,43 +101,59 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     slots, not the batch.
 
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
-    ``StopRequested`` (a half-recorded batch is never returned)."""
+    ``StopRequested`` (a half-recorded batch is never returned).
+
+    ``stats`` (optional) accumulates where the time went (``RolloutStats``): the policy, the wait on the
+    envs, the envs' own busy time where the pool reports it (``pool.env_busy_s``), env steps."""
     if not episodes:
         raise ValueError("episodes must not be empty")
     if gripper_signal not in GRIPPER_SIGNALS:
         raise ValueError(f"gripper_signal must be one of {GRIPPER_SIGNALS}, got {gripper_signal!r}")
+    stats = RolloutStats() if stats is None else stats
+    started, busy_before = time.perf_counter(), getattr(pool, "env_busy_s", None)
     options = dict(max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
-                   should_stop=should_stop, gripper_signal=gripper_signal)
+                   should_stop=should_stop, gripper_signal=gripper_signal, stats=stats)
     slots = getattr(pool, "num_slots", len(episodes))
     if len(episodes) <= slots:
-        return _collect_wave(policy, pool, episodes, None, desc=desc, **options)
-    # One prompt encoding for the whole batch: every wave acts on the padding its rows are stored with.
-    prompts = policy.encode_prompts([pool.language(e.task_id) for e in episodes])
-    starts = range(0, len(episodes), slots)
-    return DataProto.concat([
-        _collect_wave(policy, pool, episodes[start:start + slots], [p[start:start + slots] for p in prompts],
-                      desc=f"{desc} {wave + 1}/{len(starts)}", **options)
-        for wave, start in enumerate(starts)])
+        batch = _collect_wave(policy, pool, episodes, None, desc=desc, **options)
+    else:
+        # One prompt encoding for the whole batch: every wave acts on the padding its rows are stored with.
+        with _Clock(stats, "policy_s"):
+            prompts = policy.encode_prompts([pool.language(e.task_id) for e in episodes])
+        starts = range(0, len(episodes), slots)
+        batch = DataProto.concat([
+            _collect_wave(policy, pool, episodes[start:start + slots], [p[start:start + slots] for p in prompts],
+                          desc=f"{desc} {wave + 1}/{len(starts)}", **options)
+            for wave, start in enumerate(starts)])
+    stats.wall_s += time.perf_counter() - started
+    stats.env_steps += int(batch.batch["finish_step"].sum())
+    if busy_before is not None:
+        stats.env_s = (stats.env_s or 0.0) + pool.env_busy_s - busy_before
+        stats.num_workers = len(getattr(pool, "workers", [])) or None
+    return batch
 
 
 def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *, max_chunks: int,
                   temperature: float, greedy: bool, generator: torch.Generator | None, desc: str,
-                  should_stop, gripper_signal: str) -> DataProto:
+                  should_stop, gripper_signal: str, stats: RolloutStats) -> DataProto:
     """``collect_rollouts`` for at most ``pool.num_slots`` episodes, all in flight at once; ``prompts``:
     their (input_ids, attention_mask), or None to encode the languages the envs return."""
     cfg = policy.config
     L, D = cfg.action_chunk, cfg.action_dim
     A, C, E = L * D, max_chunks, len(episodes)
     device = policy.device
-    observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
+    with _Clock(stats, "wait_s"):
+        observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
     languages = [o["language"] for o in observations]
     if prompts is None:
-        prompts = policy.encode_prompts(languages)
+        with _Clock(stats, "policy_s"):
+            prompts = policy.encode_prompts(languages)
     elif languages != [pool.language(e.task_id) for e in episodes]:
         raise RuntimeError(f"the envs returned prompts {languages} but pool.language gave others")
     input_ids, attention_mask = prompts
     P = input_ids.shape[1]
-    current = policy.observations_to_inputs(observations)
+    with _Clock(stats, "policy_s"):
+        current = policy.observations_to_inputs(observations)
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
     old_log_probs = torch.zeros(E, C, A)
     pixel_values = torch.zeros((E, C) + tuple(current.shape[1:]))
@@ -114,14 +168,16 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
             break
         if should_stop():
             raise StopRequested
-        out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device), temperature=temperature,
-                         greedy=greedy, generator=generator)
-        responses[rows, k] = out["responses"].cpu()
-        old_log_probs[rows, k] = out["log_probs"].cpu()
+        with _Clock(stats, "policy_s"):
+            out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device),
+                             temperature=temperature, greedy=greedy, generator=generator)
+            responses[rows, k] = out["responses"].cpu()
+            old_log_probs[rows, k] = out["log_probs"].cpu()
         pixel_values[rows, k] = current[rows].cpu()
         env_actions = np.zeros((E, L, D), dtype=np.float64)
         env_actions[rows] = out["env_actions"].cpu().double().numpy()
-        result = pool.step_chunk(env_actions, active)
+        with _Clock(stats, "wait_s"):
+            result = pool.step_chunk(env_actions, active)
         for e in rows:
             executed = int(result.steps[e])
             gripper[e, k, :executed] = _gripper_signal(gripper_signal, env_actions[e, :executed, -1], result, e)
@@ -131,7 +187,8 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
                 active[e] = False
         continuing = np.flatnonzero(active)
         if continuing.size:
-            current[continuing] = policy.observations_to_inputs([result.obs[e] for e in continuing])
+            with _Clock(stats, "policy_s"):
+                current[continuing] = policy.observations_to_inputs([result.obs[e] for e in continuing])
     uid = np.array([e.uid for e in episodes], dtype=object)
     tensors = {
         "responses": responses, "input_ids": input_ids.cpu().unsqueeze(1).expand(E, C, P).contiguous(),

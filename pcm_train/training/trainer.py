@@ -23,7 +23,7 @@ from pcm_train.training.distributed import DistInfo, broadcast_batch, broadcast_
 from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.policies.factory import build_policy, check_policy_path
-from pcm_train.training.rollout import Episode, StopRequested, collect_rollouts
+from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 
 NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
@@ -250,17 +250,19 @@ class Trainer:
 
     # ----- one step -----
 
-    def _rollout(self, episodes, *, greedy: bool, desc: str):
+    def _rollout(self, episodes, *, greedy: bool, desc: str, stats: RolloutStats | None = None):
         return collect_rollouts(self.policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
                                 temperature=self.cfg.actor.temperature, greedy=greedy,
                                 generator=self.action_generator, desc=desc, should_stop=lambda: self._stop,
-                                gripper_signal=self.cfg.pcm.gripper_signal)
+                                gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
 
     def collect(self) -> dict:
         """Rank 0: rollouts, GRPO advantages, PCM selection. Returns what every rank needs to learn."""
         cfg = self.cfg
         started = time.perf_counter()
-        batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout")
+        rollout_stats = RolloutStats()
+        batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout",
+                              stats=rollout_stats)
         rollout_time = time.perf_counter() - started
         L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
@@ -276,7 +278,7 @@ class Trainer:
         row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
                "rollout_time_s": rollout_time, "select_time_s": select_time,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
-               **_advantage_stats(advantages, mask), **selection.metrics}
+               **rollout_stats.metrics(), **_advantage_stats(advantages, mask), **selection.metrics}
         return {"kept": kept, "row": row, "started": started}
 
     def learn(self, payload: dict) -> dict:
