@@ -365,3 +365,56 @@ def test_wandb_offline_gets_the_same_metric_names(tmp_path, monkeypatch):
     assert len(offline) == 2  # one per process, same run id: `wandb sync` merges them
     assert all(b"actor/pg_clipfrac" in path.read_bytes() for path in offline)
     assert list((trainer.run_dir / "tensorboard").iterdir())
+
+
+def test_sample_bins_per_row_streams_follow_the_law_and_ignore_the_batch():
+    from pcm_train.policies.action_head import sample_bins
+
+    probs = torch.softmax(torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0)), -1)
+    # one CPU generator per row: a row's draws depend on its own stream only, not on its neighbours or order
+    alone = sample_bins(probs[1:2], [torch.Generator().manual_seed(11)])
+    together = sample_bins(probs[[2, 1, 0]], [torch.Generator().manual_seed(s) for s in (5, 11, 7)])
+    assert torch.equal(alone[0], together[1]) and together.dtype == torch.int64 and together.shape == (3, 4)
+    # the law: 20,000 rows of the same distribution, each its own stream, match the probabilities
+    rows = probs[0:1, :1].expand(20000, 1, 6)
+    draws = sample_bins(rows, [torch.Generator().manual_seed(s) for s in range(20000)]).flatten()
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    se = (probs[0, 0].double() * (1 - probs[0, 0].double()) / len(draws)).sqrt()
+    assert ((freq - probs[0, 0].double()).abs() < 4 * se + 1e-4).all()
+    # a zero-probability bin is never drawn
+    spiky = torch.tensor([[[0.0, 0.5, 0.0, 0.5]]]).expand(500, 1, 4)
+    assert set(sample_bins(spiky, [torch.Generator().manual_seed(s) for s in range(500)]).unique().tolist()) == {1, 3}
+    with pytest.raises(ValueError, match="one per row"):
+        sample_bins(probs, [torch.Generator()])
+
+
+def test_seeded_episodes_roll_out_the_same_in_any_batch():
+    """Own random streams: each episode's recorded tensors are the same whether it runs with all the
+    others at once, in waves of 2 slots, or alone, and in any position."""
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+    from pcm_train.training.rollout import episode_seed
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    episodes = [Episode(task, state, str(i), seed=episode_seed(3, 7, i))
+                for i, (task, state) in enumerate([(0, 1), (0, 1), (1, 2), (2, 3), (1, 4)])]
+
+    def roll(eps, slots=None):
+        pool = FakePool(image_size=16, close_steps=6, max_steps=40, num_slots=slots)
+        return collect_rollouts(policy, pool, eps, max_chunks=5, temperature=1.6,
+                                generator=torch.Generator().manual_seed(99))
+    whole, waves = roll(episodes), roll(episodes, slots=2)
+    backwards = roll(episodes[::-1])
+    for key in ("responses", "old_log_probs", "finish_step", "complete", "gripper"):
+        torch.testing.assert_close(waves.batch[key], whole.batch[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(backwards.batch[key].flip(0), whole.batch[key], rtol=0, atol=1e-6, msg=key)
+    alone = roll(episodes[3:4])
+    assert torch.equal(alone.batch["responses"][0], whole.batch["responses"][3])
+    # the two rollouts of one prompt differ (own streams), and a different run seed changes the draws
+    assert not torch.equal(whole.batch["responses"][0], whole.batch["responses"][1])
+    other = roll([Episode(e.task_id, e.init_state_id, e.uid, seed=episode_seed(4, 7, i))
+                  for i, e in enumerate(episodes)])
+    assert not torch.equal(other.batch["responses"], whole.batch["responses"])
+    with pytest.raises(ValueError, match="all have a seed"):
+        roll([episodes[0], Episode(0, 1, "x")])

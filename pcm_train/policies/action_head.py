@@ -32,6 +32,26 @@ def check_packed_prompts(prompt_ids, prompt_cu_seqlens) -> list[int]:
     return lengths
 
 
+def sample_bins(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per token from probs float [B, A, K] -> int64 [B, A].
+
+    ``generator``: a ``torch.Generator`` (or None) shared by all rows (``torch.multinomial``), or a sequence
+    of B CPU generators, one per row: row b then draws its A uniforms from its own generator and takes the
+    inverse CDF, so its tokens depend only on its own stream and probs, not on which other rows share the
+    batch, their order or the device (the uniforms are drawn on the CPU)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
+    generators = list(generator)
+    if len(generators) != probs.shape[0] or not all(isinstance(g, torch.Generator) and g.device.type == "cpu"
+                                                    for g in generators):
+        raise ValueError(f"generator must be a torch.Generator, None or {probs.shape[0]} CPU generators (one per "
+                         f"row), got {len(generators)} items")
+    uniforms = torch.stack([torch.rand(probs.shape[1], generator=g, dtype=torch.float64) for g in generators])
+    cdf = probs.double().cumsum(-1)
+    targets = (uniforms.to(probs.device) * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
 class ActionTokensMixin:
     """For a policy with ``action_logits(input_ids, attention_mask, pixel_values) -> [B, A, 256]`` and a
     ``config`` holding ``num_action_tokens``, ``action_token_start``, ``vocab_size``, ``action_chunk`` and
@@ -58,16 +78,13 @@ class ActionTokensMixin:
 
     def _sample(self, input_ids, attention_mask, pixel_values, temperature, greedy, generator):
         """Sample (or argmax) one chunk per row at ``temperature``: (logits float32 [B, A, 256], responses
-        int64 [B, A], normalized actions float32 [B, action_chunk, action_dim] in [-1, 1])."""
+        int64 [B, A], normalized actions float32 [B, action_chunk, action_dim] in [-1, 1]). ``generator``: as
+        ``sample_bins``."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         cfg = self.config
         logits = self.action_logits(input_ids, attention_mask, pixel_values).float()
-        if greedy:
-            bins = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            bins = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:-1])
+        bins = logits.argmax(-1) if greedy else sample_bins(torch.softmax(logits / temperature, dim=-1), generator)
         responses = bins + cfg.action_token_start
         normalized = tokens_to_normalized(responses, cfg.action_token_start).view(-1, cfg.action_chunk, cfg.action_dim)
         return logits, responses, normalized

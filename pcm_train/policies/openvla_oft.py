@@ -421,7 +421,8 @@ class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
     @torch.no_grad()
     def predict_action(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
                        greedy: bool = False, temperature: float = 1.6, unnorm_key: str | None = None,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | list[torch.Generator] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample (or argmax) one chunk per row over the 256 action bins. Returns responses int64 [B, 56] and
         actions float32 [B, 8, 7] un-normalized with ``unnorm_key``'s q01/q99 where its mask is true (the
         gripper stays raw, 1 = open)."""
@@ -432,7 +433,7 @@ class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
     @torch.no_grad()
     def act(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
             temperature: float = 1.6, greedy: bool = False,
-            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+            generator: torch.Generator | list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
         """Like ``SmallVLA.act``: responses int64 [B, 56], log_probs float32 [B, 56] (at ``temperature``, also
         when greedy), normalized_actions float32 [B, 8, 7] in [-1, 1] and env_actions (same shape, un-normalized
         with the loaded statistics, gripper mapped to the env's +1 close / -1 open)."""

@@ -385,11 +385,12 @@ class SmallVLA(ActionTokensMixin, LoraLanguageModelMixin, PreTrainedModel):
     @torch.no_grad()
     def act(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor, *,
             temperature: float = 1.6, greedy: bool = False,
-            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+            generator: torch.Generator | list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
         """Sample (or argmax) one action chunk per row. Inputs as ``action_logits``. Returns
         responses int64 [B, A] token ids, log_probs float32 [B, A] (at ``temperature``, also when greedy),
         normalized_actions float32 [B, action_chunk, action_dim] in [-1, 1] and env_actions (same shape:
-        un-normalized with the config's q01/q99/mask, gripper = last dim mapped to the env's +1 close / -1 open)."""
+        un-normalized with the config's q01/q99/mask, gripper = last dim mapped to the env's +1 close / -1 open).
+        ``generator``: one shared by all rows, or one CPU generator per row (``action_head.sample_bins``)."""
         cfg = self.config
         logits, responses, normalized = self._sample(input_ids, attention_mask, pixel_values, temperature, greedy,
                                                      generator)

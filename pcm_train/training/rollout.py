@@ -78,11 +78,19 @@ class StopRequested(Exception):
 
 @dataclass
 class Episode:
-    """One rollout: which task and initial state, and its GRPO group."""
+    """One rollout: which task and initial state, its GRPO group, and (optionally) the seed of its own
+    random stream of action draws (``episode_seed``)."""
 
     task_id: int
     init_state_id: int
     uid: str
+    seed: int | None = None
+
+
+def episode_seed(run_seed: int, step: int, index: int) -> int:
+    """The seed of episode ``index`` of step ``step``'s batch in a run seeded ``run_seed``: a uint64 from
+    NumPy's SeedSequence of the three, so streams of different episodes, steps and runs do not overlap."""
+    return int(np.random.SeedSequence([run_seed, step, index]).generate_state(1, dtype=np.uint64)[0])
 
 
 @torch.no_grad()
@@ -103,12 +111,20 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
     ``StopRequested`` (a half-recorded batch is never returned).
 
+    Random streams: when every episode has a ``seed``, each samples its actions from its own CPU generator
+    seeded with it (``sample_bins``), so its tokens, actions and log-probs do not depend on the batch it
+    runs in, its position, the waves or the device; otherwise (no seeds) all rows draw from
+    ``generator``. Greedy rollouts draw nothing.
+
     ``stats`` (optional) accumulates where the time went (``RolloutStats``): the policy, the wait on the
     envs, the envs' own busy time where the pool reports it (``pool.env_busy_s``), env steps."""
     if not episodes:
         raise ValueError("episodes must not be empty")
     if gripper_signal not in GRIPPER_SIGNALS:
         raise ValueError(f"gripper_signal must be one of {GRIPPER_SIGNALS}, got {gripper_signal!r}")
+    seeded = [e.seed is not None for e in episodes]
+    if any(seeded) and not all(seeded):
+        raise ValueError("episodes must all have a seed (own random streams) or none (the shared generator)")
     stats = RolloutStats() if stats is None else stats
     started, busy_before = time.perf_counter(), getattr(pool, "env_busy_s", None)
     options = dict(max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
@@ -156,6 +172,7 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
         current = policy.observations_to_inputs(observations)
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
     old_log_probs = torch.zeros(E, C, A)
+    streams = [torch.Generator().manual_seed(e.seed) for e in episodes] if episodes[0].seed is not None else None
     pixel_values = torch.zeros((E, C) + tuple(current.shape[1:]))
     gripper = torch.full((E, C, L), -1.0)
     finish_step = torch.zeros(E, dtype=torch.int64)
@@ -170,7 +187,8 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
             raise StopRequested
         with _Clock(stats, "policy_s"):
             out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device),
-                             temperature=temperature, greedy=greedy, generator=generator)
+                             temperature=temperature, greedy=greedy,
+                             generator=generator if streams is None else [streams[e] for e in rows])
             responses[rows, k] = out["responses"].cpu()
             old_log_probs[rows, k] = out["log_probs"].cpu()
         pixel_values[rows, k] = current[rows].cpu()
