@@ -37,27 +37,34 @@ SUITES = {  # trainer preset (the studies' settings) and the shipped SFT policy 
 
 class RecordingPool:
     """Passes every call to ``pool`` and keeps each episode's executed actions (float64 [steps, 7]), in the
-    order of the rollout's episodes (waves one after another)."""
+    order the rollout starts its episodes (``reset``, then each ``refill``)."""
 
     def __init__(self, pool):
         self.pool = pool
         self.actions: list[list[np.ndarray]] = []
-        self._offset = 0
-        self._wave = 0
+        self._at: list[int] = []  # the recorded episode at each batch position
 
     def __getattr__(self, name):
         return getattr(self.pool, name)
 
+    def _start(self, count: int) -> list[int]:
+        self.actions.extend([] for _ in range(count))
+        return list(range(len(self.actions) - count, len(self.actions)))
+
     def reset(self, episodes):
-        self._offset += self._wave
-        self._wave = len(episodes)
-        self.actions.extend([] for _ in episodes)
+        self._at = self._start(len(episodes))
         return self.pool.reset(episodes)
+
+    def refill(self, positions, episodes):
+        placed, observations = self.pool.refill(positions, episodes)
+        for position, index in zip(placed, self._start(len(episodes))):
+            self._at[position] = index
+        return placed, observations
 
     def step_chunk(self, actions, active):
         result = self.pool.step_chunk(actions, active)
-        for e in np.flatnonzero(result.steps):
-            self.actions[self._offset + e].append(np.array(actions[e, :result.steps[e]], dtype=np.float64))
+        for p in np.flatnonzero(result.steps):
+            self.actions[self._at[p]].append(np.array(actions[p, :result.steps[p]], dtype=np.float64))
         return result
 
 

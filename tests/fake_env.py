@@ -19,6 +19,7 @@ class FakePool:
         self.max_steps = max_steps
         self.episodes = []
         self.resets = 0
+        self.refills = 0
         self.closed = False
 
     def _obs(self, e):
@@ -36,6 +37,15 @@ class FakePool:
         self.resets += 1
         self.episodes = [[t, s, 0, 0] for t, s in episodes]
         return [self._obs(e) for e in range(len(episodes))]
+
+    def refill(self, positions, episodes):
+        """Starts ``episodes`` at the first of ``positions``, in order."""
+        assert len(episodes) <= len(positions) and len(set(positions)) == len(positions)
+        self.refills += 1
+        placed = list(positions)[:len(episodes)]
+        for p, (t, s) in zip(placed, episodes):
+            self.episodes[p] = [t, s, 0, 0]
+        return placed, [self._obs(p) for p in placed]
 
     def step_chunk(self, actions, active):
         E = len(self.episodes)

@@ -1,7 +1,7 @@
 """A fast synthetic chunked env pool whose success depends on what the arm does while the gripper is closed.
 
-Pure numpy, no physics: ``LiftPool`` has the env pool interface the rollout uses (``reset(episodes)``
--> list of observation dicts, ``step_chunk(actions [E, L, D], active [E])`` -> ``ChunkResult``,
+Pure numpy, no physics: ``LiftPool`` has the env pool interface the rollout uses (``language(task)``,
+``reset(episodes)`` -> list of observation dicts, ``step_chunk(actions [E, L, D], active [E])`` -> ``ChunkResult``,
 ``close()``), for state-mode policies (``obs["state"]`` float32 [36], LIBERO's privileged-state size;
 no image).
 
@@ -71,6 +71,9 @@ class LiftPool:
         state[:5] = (float(self.gripper_closed[e]), self.z[e] / self.height, self.target[e] / self.height,
                      self.steps[e] / self.max_steps, self.last_a0[e])
         return {"language": LANGUAGE, "state": state}
+
+    def language(self, task_id: int) -> str:
+        return LANGUAGE
 
     def reset(self, episodes) -> list[dict]:
         """episodes: (task_id, init_state_id) pairs; each pair fixes its episode's target height."""

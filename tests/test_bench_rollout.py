@@ -16,7 +16,7 @@ from fake_env import FakePool
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recording_pool_keeps_each_episodes_executed_actions_across_waves():
+def test_recording_pool_keeps_each_episodes_executed_actions_across_refills():
     from bench.rollout import RecordingPool
     from pcm_train.policies import SmallVLA, SmallVLAConfig
 
@@ -25,7 +25,7 @@ def test_recording_pool_keeps_each_episodes_executed_actions_across_waves():
     episodes = [Episode(task, state, str(task)) for task, state in [(0, 1), (1, 2), (2, 3), (0, 4), (1, 5)]]
     pool = RecordingPool(FakePool(image_size=16, close_steps=6, max_steps=40, num_slots=2))
     batch = collect_rollouts(policy, pool, episodes, max_chunks=5, temperature=1.6)
-    assert pool.resets == 3 and len(pool.actions) == 5  # attributes pass through; 3 waves recorded in order
+    assert pool.resets == 1 and pool.refills >= 2 and len(pool.actions) == 5  # attributes pass through
     lengths = [sum(len(chunk) for chunk in chunks) for chunks in pool.actions]
     assert lengths == batch.batch["finish_step"].tolist()
     # the recorded gripper commands are the ones that closed the fake env's gripper: successes close 6 times

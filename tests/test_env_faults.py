@@ -116,6 +116,25 @@ def test_sigkilled_worker_is_replaced_and_the_episode_continues_exactly(pool, re
     assert "was lost (Actor" in caplog.text and "replacing it and replaying its episodes" in caplog.text
 
 
+def test_worker_killed_before_a_refill_is_replaced_and_every_episode_continues_exactly(pool):
+    """Continuous refill: the worker of the position being refilled is SIGKILLed; the refill replaces it,
+    the new episode starts and the other position's episode runs on, bitwise as without the fault."""
+    def run(inject):
+        pool.reset(EPISODES)
+        results = [pool.step_chunk(CHUNKS[0])]
+        inject(pool)
+        placed, observations = pool.refill([0], [(0, 2)])
+        return placed, observations, results + [pool.step_chunk(chunk) for chunk in CHUNKS[1:]]
+
+    want = run(lambda pool: None)
+    restarts = pool.restarts
+    got = run(lambda pool: worker_process(pool, pool._episodes[0].slot // pool.envs_per_worker).kill())
+    assert pool.restarts == restarts + 1
+    assert got[0] == want[0] == [0]
+    assert np.array_equal(got[1][0]["state"], want[1][0]["state"])
+    assert_same_episode((got[1], got[2]), (want[1], want[2]))
+
+
 def test_hanging_worker_is_replaced_and_the_episode_continues_exactly(pool, reference, monkeypatch, caplog):
     """Real: SIGSTOP of the worker's process, so the call gets no answer within the (shortened) timeout."""
     caplog.set_level(logging.WARNING, LOGGER)

@@ -353,6 +353,36 @@ def test_trainer_runs_on_metaworld_through_the_worker_pool(tmp_path):
     assert 0 < row["episode_steps_mean"] <= 24 and row["actor/optimizer_steps"] == 1
 
 
+def test_refilled_slots_roll_out_each_episode_as_a_fresh_env_does():
+    """Continuous refill through the Ray pool: 6 seeded episodes on 2 slots (each slot takes the next episode
+    when its own ends, on one worker) record the same tensors as the 6 run at once, each on its own fresh env."""
+    from pcm_train.config import load_config
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+    from pcm_train.training.rollout import Episode, RolloutStats, collect_rollouts, episode_seed
+    from pcm_train.training.trainer import make_env_pool
+
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, observation="state", state_dim=STATE_DIM))
+    prompts = [(0, 3), (1, 4), (0, 3), (2, 5), (3, 6), (1, 7)]
+    episodes = [Episode(t, s, str(i), seed=episode_seed(0, 0, i)) for i, (t, s) in enumerate(prompts)]
+    batches = {}
+    for slots in (2, 6):
+        cfg = load_config(["preset=metaworld", "env.num_workers=1", f"env.max_slots={slots}",
+                           f"trainer.val_episodes={slots}", "rollout.prompts_per_step=1",
+                           "rollout.group_size=2", "rollout.max_chunks=6"])
+        pool = make_env_pool(cfg, image_size=32)
+        try:
+            stats = RolloutStats()
+            batches[slots] = collect_rollouts(policy, pool, episodes, max_chunks=6, temperature=1.6, stats=stats)
+            assert pool.num_slots == slots and stats.env_steps == int(batches[slots].batch["finish_step"].sum())
+        finally:
+            pool.close()
+    for key in ("responses", "old_log_probs", "pixel_values", "finish_step", "complete", "gripper"):
+        torch.testing.assert_close(batches[2].batch[key], batches[6].batch[key], rtol=0, atol=1e-6, msg=key)
+    assert list(batches[2].non_tensor_batch["uid"]) == [str(i) for i in range(6)]
+
+
 def test_worker_pool_reports_the_fingers(env):
     """ChunkResult.gripper_closed through the Ray pool is the env's info["gripper_closed"], step for step (the
     signal pcm.gripper_signal=fingers labels phases from)."""

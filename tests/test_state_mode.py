@@ -104,7 +104,7 @@ def test_env_pool_rejects_a_camera_that_does_not_fit_the_mode(overrides, message
 
 def test_one_trainer_step_in_state_mode_on_the_fake_pool(tmp_path):
     cfg = load_config(TINY_STATE + [f"trainer.output_dir={tmp_path / 'run'}"])
-    trainer = Trainer(cfg, fake_pool_factory(close_steps=35, state_dim=STATE_DIM))  # mixed groups at this seed
+    trainer = Trainer(cfg, fake_pool_factory(close_steps=33, state_dim=STATE_DIM))  # mixed groups at this seed
     assert trainer.run()
     trainer.close()
     rows = read_metrics(trainer.run_dir / "metrics.jsonl")

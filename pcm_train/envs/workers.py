@@ -4,7 +4,8 @@
 ``envs_per_worker`` LiberoEnvs in its own process (one after another; the
 parallelism is across workers). A batch of episodes is started with ``reset``
 and advanced one action chunk at a time with ``step_chunk``; an episode stops
-inside a chunk at success or at ``max_steps``.
+inside a chunk at success or at ``max_steps``, and ``refill`` starts the next
+ones at the positions of ended episodes while the others keep running.
 
 Lost workers: every way Ray can lose a worker takes one recovery path. The
 errors are listed in ``WORKER_LOST_ERRORS``:
@@ -301,6 +302,41 @@ class EnvWorkerPool:
             self._episodes.append(_Episode(task_id, init_state_id, slot, obs))
         self._record_ray_processes()  # the worker processes exist by now
         return [episode.obs for episode in self._episodes]
+
+    def refill(self, positions: list[int], episodes: list[tuple[int, int]]) -> tuple[list[int], list[dict]]:
+        """Start new (task_id, init_state_id) episodes at batch positions the caller is done with (their
+        episodes ended), at most one per position, preferring a position whose env is already on the
+        episode's task (a task switch rebuilds the simulator). The other positions keep running. Returns
+        the position each episode took and its first observation."""
+        self._check_open()
+        if not self._episodes:
+            raise RuntimeError("no batch is running; call reset() first")
+        positions = [int(p) for p in positions]
+        episodes = [(int(task_id), int(init_state_id)) for task_id, init_state_id in episodes]
+        if len(set(positions)) != len(positions) or not all(0 <= p < len(self._episodes) for p in positions):
+            raise ValueError(f"positions must be distinct batch positions in [0, {len(self._episodes)}), "
+                             f"got {positions}")
+        if not 1 <= len(episodes) <= len(positions):
+            raise ValueError(f"episodes must hold 1 to {len(positions)} (task_id, init_state_id) pairs (one per "
+                             f"free position), got {len(episodes)}")
+        for task_id, init_state_id in episodes:
+            check_init_state(self.suite, task_id, init_state_id)
+        free, placed = list(positions), []
+        for task_id, _ in episodes:
+            position = next((p for p in free if self._slot_task[self._episodes[p].slot] == task_id), free[0])
+            free.remove(position)
+            placed.append(position)
+        jobs = self._by_worker({p: (self._episodes[p].slot, *episode, np.zeros((0, ACTION_DIM)))
+                                for p, episode in zip(placed, episodes)})
+        restored = self._call("restore", jobs, self.reset_timeout_s,
+                              [(episode.task_id, episode.init_state_id) for episode in self._episodes])
+        for p, (task_id, init_state_id) in zip(placed, episodes):
+            slot = self._episodes[p].slot
+            obs, seconds = restored[p]
+            self.env_busy_s += seconds
+            self._slot_task[slot] = task_id
+            self._episodes[p] = _Episode(task_id, init_state_id, slot, obs)
+        return placed, [self._episodes[p].obs for p in placed]
 
     def step_chunk(self, actions: np.ndarray, active: np.ndarray | None = None) -> ChunkResult:
         """Execute action chunks float [E, L, 7] (env space) on the E episodes of the batch.

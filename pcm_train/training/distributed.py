@@ -7,8 +7,10 @@ mini-batch, so summing the ranks' gradients with one all-reduce before each
 optimizer step gives exactly the single-process update.
 Every rank then clips and steps the same gradients, keeping the weights in sync
 without a DDP wrapper (LoRA trains a few MB of adapters; the frozen base is
-never communicated). Rollouts and the controller run on rank 0 only, which
-broadcasts the shrunk batch (``broadcast_batch``: tensors by ``dist.broadcast``, no pickling).
+never communicated). Every rank rolls out its share of a step's episodes
+(``rank_share``) with its own env workers; rank 0 gathers the batch (``gather_batch``:
+tensors by ``dist.send``/``recv``, no pickling), computes advantages and the chunk selection
+once, and broadcasts the shrunk batch (``broadcast_batch``).
 """
 from __future__ import annotations
 
@@ -86,8 +88,7 @@ def broadcast_batch(batch, info: DistInfo, device: torch.device, src: int = 0):
             tensor = batch.batch[key].to(device).contiguous()
         else:
             tensor = torch.empty(shape, dtype=dtype, device=device)
-        wire = tensor.view(torch.uint8) if dtype == torch.bool else tensor  # every backend moves bytes
-        dist.broadcast(wire, src=src)
+        dist.broadcast(_wire(tensor), src=src)
         tensors[key] = tensor
     return DataProto.from_dict(tensors=tensors, non_tensors=header["non_tensor"] or None,
                                meta_info=tensors_to(header["meta_info"], device))
@@ -114,3 +115,60 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def rank_share(count: int, info: DistInfo) -> range:
+    """This rank's contiguous block of ``count`` items (the first ``count % world_size`` ranks take one
+    more); rank by rank the blocks cover 0 .. count - 1 in order."""
+    base, extra = divmod(count, info.world_size)
+    start = info.rank * base + min(info.rank, extra)
+    return range(start, start + base + (info.rank < extra))
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on any."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_batch(batch, info: DistInfo, device: torch.device, dst: int = 0):
+    """Every rank's ``verl.DataProto`` (rows of equal layout, possibly none) concatenated in rank order on
+    rank ``dst``, its tensors on ``device``; None on the other ranks.
+
+    The tensors travel by ``dist.send``/``dist.recv`` on ``device`` with no pickling; only their shapes
+    and dtypes and the non-tensor entries are pickled (``gather_object``). ``meta_info`` is ``dst``'s own.
+    """
+    from verl import DataProto
+
+    if not info.enabled:
+        return batch.to(device)
+    header = {"specs": {key: (tuple(t.shape), t.dtype) for key, t in batch.batch.items()},
+              "non_tensor": dict(batch.non_tensor_batch)}
+    headers = [None] * info.world_size if info.rank == dst else None
+    dist.gather_object(header, headers, dst=dst)
+    if info.rank != dst:
+        for key in header["specs"]:
+            dist.send(_wire(batch.batch[key].to(device).contiguous()), dst=dst)
+        return None
+    parts = []
+    for rank, specs in enumerate(headers):
+        tensors = {}
+        for key, (shape, dtype) in specs["specs"].items():
+            if rank == dst:
+                tensors[key] = batch.batch[key].to(device)
+                continue
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(_wire(tensor), src=rank)
+            tensors[key] = tensor
+        parts.append(DataProto.from_dict(tensors=tensors, non_tensors=specs["non_tensor"] or None))
+    gathered = DataProto.concat(parts)
+    gathered.meta_info = dict(batch.meta_info)
+    return gathered
+
+
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes every backend can move (bool tensors as uint8)."""
+    return tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor

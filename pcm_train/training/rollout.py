@@ -1,8 +1,9 @@
 """Chunked, batched rollouts into a SimpleVLA-RL-layout ``DataProto``.
 
-The policy acts once per chunk for every active episode at once; the env pool
+The policy acts once per chunk for every episode in flight at once; the env pool
 executes the chunk's L steps in each env (stopping at success) and returns the
-new observations. Chunks never reached are filled as SimpleVLA-RL does: the
+new observations; a position whose episode ended takes the batch's next episode
+at once (continuous refill, no wave barrier). Chunks never reached are filled as SimpleVLA-RL does: the
 episode's prompt, a blank observation (zeros), a neutral action token, log-prob 0;
 they are invalid (``finish_step``) and never trained on. Observations become model inputs
 through ``policy.observations_to_inputs`` (images, or states for a state-mode policy).
@@ -26,10 +27,15 @@ class EnvPool(Protocol):
 
     num_slots: int  # episodes the pool holds at once (optional: without it, all of a batch)
 
-    def reset(self, episodes: Sequence[tuple[int, int]]) -> list[dict]: ...
+    def reset(self, episodes: Sequence[tuple[int, int]]) -> list[dict]:
+        """Start a batch of (task_id, init_state_id) episodes at positions 0, 1, ...; their observations."""
+
+    def refill(self, positions: Sequence[int], episodes: Sequence[tuple[int, int]]) -> tuple[list[int], list[dict]]:
+        """Start ``episodes`` (at most len(positions)) at positions whose episodes are over; returns the
+        position each took and its first observation (needed only when a batch has more episodes than slots)."""
 
     def language(self, task_id: int) -> str:
-        """The task's instruction (needed only when a batch has more episodes than slots)."""
+        """The task's instruction."""
 
     def step_chunk(self, actions: np.ndarray, active: np.ndarray):
         """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode; the fingers
@@ -38,7 +44,7 @@ class EnvPool(Protocol):
 
 @dataclass
 class RolloutStats:
-    """Where a rollout's wall-clock went (seconds, accumulated over its waves by ``collect_rollouts``)."""
+    """Where a rollout's wall-clock went (seconds, accumulated by ``collect_rollouts``)."""
 
     wall_s: float = 0.0  # the whole rollout
     policy_s: float = 0.0  # the policy: encoding prompts and observations, acting
@@ -46,6 +52,17 @@ class RolloutStats:
     env_s: float | None = None  # the env workers' own busy time, summed over workers (pools that report it)
     env_steps: int = 0  # env steps executed
     num_workers: int | None = None  # env workers (pools that report it)
+
+    @classmethod
+    def combine(cls, parts: list[RolloutStats]) -> RolloutStats:
+        """The rollout of several ranks run side by side: the longest wall-clock, the policy and wait time of
+        that slowest rank, env busy time, env steps and workers summed."""
+        slowest = max(parts, key=lambda part: part.wall_s)
+        busy = [part.env_s for part in parts if part.env_s is not None]
+        workers = [part.num_workers for part in parts if part.num_workers]
+        return cls(wall_s=slowest.wall_s, policy_s=slowest.policy_s, wait_s=slowest.wait_s,
+                   env_s=sum(busy) if busy else None, env_steps=sum(part.env_steps for part in parts),
+                   num_workers=sum(workers) or None)
 
     def metrics(self) -> dict:
         """``rollout/...`` keys for a metrics row; ``env_busy_fraction``: env_s over workers × wall_s."""
@@ -104,16 +121,17 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     reports (``ChunkResult.gripper_closed``) for ``"fingers"``). ``pixel_values`` is float
     [E, C, *row] with row = the policy's input per chunk ([C, H, W] images or [state_dim] states).
 
-    Env reuse: a pool with fewer env slots (``pool.num_slots``) than episodes runs them in waves of
-    at most that many, in order; each slot is reset to its next episode, so memory is bounded by the
-    slots, not the batch.
+    Env reuse: a pool with fewer env slots (``pool.num_slots``) than episodes holds that many in flight;
+    when one ends, its slot takes the batch's next episode (``pool.refill``) without waiting for the
+    others, so memory is bounded by the slots, not the batch, and no slot idles behind a straggler. The
+    episodes start in order; row e of the batch is always ``episodes[e]``.
 
     ``should_stop()`` is polled between chunks; when it returns True the rollout raises
     ``StopRequested`` (a half-recorded batch is never returned).
 
     Random streams: when every episode has a ``seed``, each samples its actions from its own CPU generator
     seeded with it (``sample_bins``), so its tokens, actions and log-probs do not depend on the batch it
-    runs in, its position, the waves or the device; otherwise (no seeds) all rows draw from
+    runs in, its position, the slot count or the device; otherwise (no seeds) all rows draw from
     ``generator``. Greedy rollouts draw nothing.
 
     ``stats`` (optional) accumulates where the time went (``RolloutStats``): the policy, the wait on the
@@ -127,20 +145,9 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
         raise ValueError("episodes must all have a seed (own random streams) or none (the shared generator)")
     stats = RolloutStats() if stats is None else stats
     started, busy_before = time.perf_counter(), getattr(pool, "env_busy_s", None)
-    options = dict(max_chunks=max_chunks, temperature=temperature, greedy=greedy, generator=generator,
-                   should_stop=should_stop, gripper_signal=gripper_signal, stats=stats)
-    slots = getattr(pool, "num_slots", len(episodes))
-    if len(episodes) <= slots:
-        batch = _collect_wave(policy, pool, episodes, None, desc=desc, **options)
-    else:
-        # One prompt encoding for the whole batch: every wave acts on the padding its rows are stored with.
-        with _Clock(stats, "policy_s"):
-            prompts = policy.encode_prompts([pool.language(e.task_id) for e in episodes])
-        starts = range(0, len(episodes), slots)
-        batch = DataProto.concat([
-            _collect_wave(policy, pool, episodes[start:start + slots], [p[start:start + slots] for p in prompts],
-                          desc=f"{desc} {wave + 1}/{len(starts)}", **options)
-            for wave, start in enumerate(starts)])
+    batch = _collect(policy, pool, episodes, max_chunks=max_chunks, temperature=temperature, greedy=greedy,
+                     generator=generator, desc=desc, should_stop=should_stop, gripper_signal=gripper_signal,
+                     stats=stats)
     stats.wall_s += time.perf_counter() - started
     stats.env_steps += int(batch.batch["finish_step"].sum())
     if busy_before is not None:
@@ -149,64 +156,79 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     return batch
 
 
-def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *, max_chunks: int,
-                  temperature: float, greedy: bool, generator: torch.Generator | None, desc: str,
-                  should_stop, gripper_signal: str, stats: RolloutStats) -> DataProto:
-    """``collect_rollouts`` for at most ``pool.num_slots`` episodes, all in flight at once; ``prompts``:
-    their (input_ids, attention_mask), or None to encode the languages the envs return."""
+def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
+             greedy: bool, generator: torch.Generator | None, desc: str, should_stop, gripper_signal: str,
+             stats: RolloutStats) -> DataProto:
+    """The engine of ``collect_rollouts``: ``min(pool.num_slots, E)`` positions in flight, each refilled
+    with the batch's next episode as soon as its episode ends."""
     cfg = policy.config
     L, D = cfg.action_chunk, cfg.action_dim
     A, C, E = L * D, max_chunks, len(episodes)
+    S = min(getattr(pool, "num_slots", E), E)
     device = policy.device
-    with _Clock(stats, "wait_s"):
-        observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes])
-    languages = [o["language"] for o in observations]
-    if prompts is None:
-        with _Clock(stats, "policy_s"):
-            prompts = policy.encode_prompts(languages)
-    elif languages != [pool.language(e.task_id) for e in episodes]:
-        raise RuntimeError(f"the envs returned prompts {languages} but pool.language gave others")
-    input_ids, attention_mask = prompts
+    languages = [pool.language(e.task_id) for e in episodes]
+    with _Clock(stats, "policy_s"):  # one prompt encoding for the batch: every row keeps the padding it acted on
+        input_ids, attention_mask = policy.encode_prompts(languages)
     P = input_ids.shape[1]
+    at = np.arange(S)  # episode at each position, -1 when the position is idle
+    chunk = np.zeros(S, dtype=np.int64)  # next chunk of the episode at each position
+    with _Clock(stats, "wait_s"):
+        observations = pool.reset([(e.task_id, e.init_state_id) for e in episodes[:S]])
+    _check_languages(observations, languages, at)
     with _Clock(stats, "policy_s"):
         current = policy.observations_to_inputs(observations)
+    streams = [torch.Generator().manual_seed(e.seed) for e in episodes] if episodes[0].seed is not None else None
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
     old_log_probs = torch.zeros(E, C, A)
-    streams = [torch.Generator().manual_seed(e.seed) for e in episodes] if episodes[0].seed is not None else None
     pixel_values = torch.zeros((E, C) + tuple(current.shape[1:]))
     gripper = torch.full((E, C, L), -1.0)
     finish_step = torch.zeros(E, dtype=torch.int64)
     complete = torch.zeros(E, dtype=torch.bool)
-    active = np.ones(E, dtype=bool)
+    waiting = S  # the next episode to start
     policy.eval()
-    for k in tqdm(range(C), desc=desc, leave=False, unit="chunk"):
-        rows = np.flatnonzero(active)
-        if rows.size == 0:
-            break
+    progress = tqdm(total=E, desc=desc, leave=False, unit="episode")
+    while (rows := np.flatnonzero(at >= 0)).size:
         if should_stop():
+            progress.close()
             raise StopRequested
+        ids, ks = at[rows], chunk[rows]
         with _Clock(stats, "policy_s"):
-            out = policy.act(input_ids[rows], attention_mask[rows], current[rows].to(device),
+            out = policy.act(input_ids[ids], attention_mask[ids], current[rows].to(device),
                              temperature=temperature, greedy=greedy,
-                             generator=generator if streams is None else [streams[e] for e in rows])
-            responses[rows, k] = out["responses"].cpu()
-            old_log_probs[rows, k] = out["log_probs"].cpu()
-        pixel_values[rows, k] = current[rows].cpu()
-        env_actions = np.zeros((E, L, D), dtype=np.float64)
+                             generator=generator if streams is None else [streams[e] for e in ids])
+            responses[ids, ks] = out["responses"].cpu()
+            old_log_probs[ids, ks] = out["log_probs"].cpu()
+        pixel_values[ids, ks] = current[rows].cpu()
+        env_actions = np.zeros((S, L, D), dtype=np.float64)
         env_actions[rows] = out["env_actions"].cpu().double().numpy()
         with _Clock(stats, "wait_s"):
-            result = pool.step_chunk(env_actions, active)
-        for e in rows:
-            executed = int(result.steps[e])
-            gripper[e, k, :executed] = _gripper_signal(gripper_signal, env_actions[e, :executed, -1], result, e)
+            result = pool.step_chunk(env_actions, at >= 0)
+        ended = []
+        for p, e, k in zip(rows, ids, ks):
+            executed = int(result.steps[p])
+            gripper[e, k, :executed] = _gripper_signal(gripper_signal, env_actions[p, :executed, -1], result, p)
             finish_step[e] += executed
-            complete[e] = bool(result.terminated[e])
-            if result.terminated[e] or result.truncated[e] or k == C - 1:
-                active[e] = False
-        continuing = np.flatnonzero(active)
+            complete[e] = bool(result.terminated[p])
+            chunk[p] += 1
+            if result.terminated[p] or result.truncated[p] or chunk[p] == C:
+                ended.append(p)
+                at[p] = -1
+        progress.update(len(ended))
+        continuing = np.flatnonzero(at >= 0)
         if continuing.size:
             with _Clock(stats, "policy_s"):
-                current[continuing] = policy.observations_to_inputs([result.obs[e] for e in continuing])
+                current[continuing] = policy.observations_to_inputs([result.obs[p] for p in continuing])
+        if ended and waiting < E:
+            starting = list(range(waiting, min(E, waiting + len(ended))))
+            waiting += len(starting)
+            with _Clock(stats, "wait_s"):
+                placed, observations = pool.refill(ended, [(episodes[e].task_id, episodes[e].init_state_id)
+                                                           for e in starting])
+            at[placed], chunk[placed] = starting, 0
+            _check_languages(observations, languages, at[placed])
+            with _Clock(stats, "policy_s"):
+                current[placed] = policy.observations_to_inputs(observations)
+    progress.close()
     uid = np.array([e.uid for e in episodes], dtype=object)
     tensors = {
         "responses": responses, "input_ids": input_ids.cpu().unsqueeze(1).expand(E, C, P).contiguous(),
@@ -217,6 +239,13 @@ def _collect_wave(policy, pool: EnvPool, episodes: Sequence[Episode], prompts, *
     non_tensors = {"uid": uid, "task_id": np.array([e.task_id for e in episodes]),
                    "init_state_id": np.array([e.init_state_id for e in episodes])}
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+
+
+def _check_languages(observations: list[dict], languages: list[str], episodes) -> None:
+    """RuntimeError unless the envs' prompts are the batch's (``pool.language``) for these episodes."""
+    got, expected = [o["language"] for o in observations], [languages[e] for e in episodes]
+    if got != expected:
+        raise RuntimeError(f"the envs returned prompts {got} but pool.language gave {expected}")
 
 
 def _gripper_signal(kind: str, commands: np.ndarray, result, episode: int) -> torch.Tensor:

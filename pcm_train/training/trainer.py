@@ -19,19 +19,21 @@ from pcm_train.training import run_dir
 from pcm_train.algorithm.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict, save_config
 from pcm_train.algorithm.controller import PCMController
-from pcm_train.training.distributed import DistInfo, broadcast_batch, broadcast_object
+from pcm_train.training.distributed import (DistInfo, any_rank, broadcast_batch, broadcast_object, gather_batch,
+                                            rank_share)
 from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.policies.factory import build_policy, check_policy_path
-from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts
+from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 
 NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
 
 
 def make_env_pool(cfg: PCMTrainConfig, image_size: int):
-    """Ray env workers for the run: one per core by default, with env slots for a step or a validation,
-    at most ``env.max_slots`` of them (a bigger batch then runs in waves, each slot reused).
+    """Ray env workers for the run: one per core by default (under torchrun, the node's cores split between
+    its ranks: each rank rolls out with its own), with env slots for a step or a validation, at most
+    ``env.max_slots`` of them per rank (a bigger batch then refills slots as episodes end).
 
     ``policy.observation=image`` needs ``env.camera=true`` (rendered images); ``state`` needs
     ``env.camera=false`` (camera-less envs with the privileged state). Raises ValueError otherwise."""
@@ -44,14 +46,18 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
     if cfg.env.camera == state_mode:
         raise ValueError(f"policy.observation={cfg.policy.observation} needs env.camera={str(not state_mode).lower()} "
                          "(state mode runs camera-less envs, image mode renders; see docs/state_mode.md)")
-    workers = cfg.env.num_workers or os.cpu_count() or 1
+    # under torchrun every rank rolls out with its own workers: the cores of a node are split between its ranks
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = cfg.env.num_workers or max(1, (os.cpu_count() or 1) // local_ranks)
     slots = min(max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes),
                 cfg.env.max_slots)
     workers = min(workers, slots)
+    main = int(os.environ.get("RANK", "0")) == 0  # rank 0 records its Ray processes in the run directory
     return EnvWorkerPool(workers, cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
                          privileged_state=state_mode,
                          envs_per_worker=math.ceil(slots / workers), ray_address=cfg.env.ray_address,
-                         step_timeout_s=cfg.env.step_timeout_s, owner_dir=cfg.resume or cfg.trainer.output_dir,
+                         step_timeout_s=cfg.env.step_timeout_s,
+                         owner_dir=(cfg.resume or cfg.trainer.output_dir) if main else None,
                          dashboard=cfg.env.ray_dashboard,
                          max_steps=cfg.rollout.max_chunks * cfg.rollout.action_chunk,
                          num_steps_wait=cfg.rollout.num_steps_wait)
@@ -90,6 +96,10 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device, self.dist)
         self.tasks = self._task_ids()
         self.val_episodes()  # a validation that cannot be built fails here, before anything is written
+        if cfg.rollout.prompts_per_step * cfg.rollout.group_size < self.dist.world_size:
+            raise ValueError(f"rollout.prompts_per_step x rollout.group_size ({cfg.rollout.prompts_per_step} x "
+                             f"{cfg.rollout.group_size}) must be at least the {self.dist.world_size} ranks: every "
+                             "rank rolls out a share of the step's episodes")
         check_policy_path(cfg.policy)
         resume_from, state = None, None
         if cfg.resume:
@@ -123,8 +133,7 @@ class Trainer:
             self.wall_time_s = 0.0
             if state is not None:
                 self._load(state, resume_from)
-            if self.dist.is_main:
-                self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)
+            self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)  # every rank rolls out
         except BaseException:
             if self.pool is not None:
                 self.pool.close()
@@ -222,13 +231,16 @@ class Trainer:
     # ----- episodes -----
 
     def train_episodes(self) -> list[Episode]:
-        """prompts_per_step (task, initial state) pairs from the training states, G rollouts each."""
+        """prompts_per_step (task, initial state) pairs from the training states, G rollouts each; episode i
+        of the step draws its actions from its own stream, ``episode_seed(trainer.seed, step, i)``."""
         r = self.cfg.rollout
         num_train_states = NUM_INIT_STATES - self.cfg.env.val_init_states
         tasks = self.episode_rng.choice(self.tasks, size=r.prompts_per_step)
         states = self.episode_rng.integers(0, num_train_states, size=r.prompts_per_step)
-        return [Episode(int(t), int(s), f"step{self.step}-prompt{i}")
-                for i, (t, s) in enumerate(zip(tasks, states)) for _ in range(r.group_size)]
+        prompts = [(int(t), int(s), f"step{self.step}-prompt{i}") for i, (t, s) in enumerate(zip(tasks, states))
+                   for _ in range(r.group_size)]
+        return [Episode(*prompt, seed=episode_seed(self.cfg.trainer.seed, self.step, index))
+                for index, prompt in enumerate(prompts)]
 
     def val_episodes(self) -> list[Episode]:
         """Fixed held-out pairs, tasks in turn: over the last val_init_states initial states (cycled), or
@@ -257,12 +269,16 @@ class Trainer:
                                 gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
 
     def collect(self) -> dict:
-        """Rank 0: rollouts, GRPO advantages, PCM selection. Returns what every rank needs to learn."""
-        cfg = self.cfg
+        """One process: rollouts, GRPO advantages, PCM selection. Returns what the update needs."""
         started = time.perf_counter()
         rollout_stats = RolloutStats()
         batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout",
                               stats=rollout_stats)
+        return self.select(batch, rollout_stats, started)
+
+    def select(self, batch, rollout_stats: RolloutStats, started: float) -> dict:
+        """GRPO advantages and the PCM selection of a whole rollout batch, once (rank 0); the step's row."""
+        cfg = self.cfg
         rollout_time = time.perf_counter() - started
         L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
@@ -330,17 +346,24 @@ class Trainer:
         tqdm.write("stopping after a safe point (Ctrl-C again to abort without saving)")
 
     def _distributed_step(self) -> dict:
-        """Rank 0 collects and broadcasts; every rank learns; rank 0 validates. A stop travels as None."""
-        payload = None
-        if self.dist.is_main:
-            try:
-                payload = self.collect()
-            except StopRequested:
-                payload = None
+        """Every rank rolls out its share of the step's episodes; rank 0 gathers them, selects and
+        broadcasts the kept chunks; every rank learns; rank 0 validates. A stop on any rank stops all."""
+        started = time.perf_counter()
+        episodes = self.train_episodes()  # the same list on every rank (same episode_rng)
+        stats, partial = RolloutStats(), None
+        try:
+            partial = self._rollout([episodes[i] for i in rank_share(len(episodes), self.dist)], greedy=False,
+                                    desc=f"step {self.step} rollout (rank {self.dist.rank})", stats=stats)
+        except StopRequested:
+            pass
+        if any_rank(partial is None, self.dist):
+            raise StopRequested
+        batch = gather_batch(partial, self.dist, self.device)
+        every_stats = [None] * self.dist.world_size if self.dist.is_main else None
+        torch.distributed.gather_object(stats, every_stats, dst=0)
+        payload = self.select(batch, RolloutStats.combine(every_stats), started) if self.dist.is_main else None
         header = broadcast_object(None if payload is None else {k: v for k, v in payload.items() if k != "kept"},
                                   self.dist)
-        if header is None:
-            raise StopRequested
         payload = {**header, "kept": broadcast_batch(payload["kept"] if payload else None, self.dist, self.device)}
         row = self.learn(payload)
         return self.finish(row, payload["started"]) if self.dist.is_main else row
