@@ -189,6 +189,7 @@ def test_resume_continues_identically(tmp_path):
     sb = load_trainer_state(latest_checkpoint(tmp_path / "resumed"))
     assert sa["controller"]["keep_probs"].tolist() == sb["controller"]["keep_probs"].tolist()
     assert torch.equal(sa["action_generator"], sb["action_generator"])
+    assert sa["episode_rng"] == sb["episode_rng"] and sa["episode_rng"]["bit_generator"] == "PCG64"
 
 
 def test_validation_outcomes_are_saved_per_episode_and_redone_on_resume(tmp_path):

@@ -196,6 +196,8 @@ class Trainer:
         return list(chosen)
 
     def _trainer_state(self) -> dict:
+        """Everything but the weights a resume needs, as tensors and plain data (``torch.load(weights_only=True)``
+        reads it back: the RNG states are tensors, dicts of ints and lists, ``random.getstate()``'s tuple)."""
         return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
                 "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
                 "action_generator": self.action_generator.get_state(),
