@@ -318,7 +318,7 @@ def preset_overrides(name: str) -> list[str]:
 
 def save_config(config: PCMTrainConfig, path: str | os.PathLike) -> None:
     """Writes ``config`` as YAML that ``--config`` (``load_config(config_file=...)``) reads back."""
-    from pcm_train.training.checkpoint import write_atomically
+    from pcm_train.runtime.files import write_atomically
 
     write_atomically(Path(path), OmegaConf.to_yaml(OmegaConf.structured(config)))
 

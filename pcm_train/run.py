@@ -17,7 +17,7 @@ overrides on top, as in verl.
 Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
 rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
 each rank trains its share of the trajectories and the gradients are summed,
-so K GPUs make the same update as one (``pcm_train.training.distributed``). Run
+so K GPUs make the same update as one (``pcm_train.runtime.distributed``). Run
 directories must be on a filesystem every rank can read.
 Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/``, ``report/`` (plots and summary.md).
@@ -112,7 +112,7 @@ def _main(argv: list[str]) -> int:
     config_file, argv = split_config_file(argv)
     cfg = load_config(resolve_overrides(argv, config_file), config_file=config_file)
     _check_device(cfg.trainer.device)  # before the slow imports below
-    from pcm_train.training.distributed import init_distributed
+    from pcm_train.runtime.distributed import init_distributed
     from pcm_train.training.trainer import Trainer, make_env_pool
 
     dist_info = init_distributed()

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcm_train.runtime.files import write_atomically
+
 LATEST = "latest"
 
 
@@ -66,16 +68,6 @@ def set_rng_states(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def save_policy(policy, directory: Path) -> None:
