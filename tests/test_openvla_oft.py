@@ -321,11 +321,14 @@ def test_key_mismatch_names_the_keys(tmp_path):
 # ----- the README's command line -----
 
 def readme_openvla_line() -> list[str]:
-    """The README's OpenVLA-OFT run, ``policy.name=openvla_oft policy.path=...``, as argv."""
+    """The README's OpenVLA-OFT run, ``[python -m pcm_train.run] policy.name=openvla_oft policy.path=...``,
+    as the command's argv."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    lines = re.findall(r"`(policy\.name=openvla_oft [^`]*)`", readme)
+    lines = [span for span in re.findall(r"`([^`]*)`", readme) if "policy.name=openvla_oft" in span
+             and "policy.path=" in span]
     assert len(lines) == 1, lines
-    return lines[0].split()
+    argv = lines[0].split()
+    return argv[3:] if argv[:3] == ["python", "-m", "pcm_train.run"] else argv
 
 
 class RecordingPool:
