@@ -696,7 +696,7 @@ def step_update_probe(ctx: Ctx) -> dict:
     the memory estimator's figure against the measured peak."""
     ctx.require_device()
     import pcm_kernels as pk
-    from pcm_train.training.memory import SavedActivations
+    from pcm_train.runtime.memory import SavedActivations
     from pcm_train.policies.openvla_oft import OpenVLAOFT, real_size_config
 
     dtype = torch.float32 if ctx.dry else torch.bfloat16

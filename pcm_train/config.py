@@ -318,7 +318,7 @@ def preset_overrides(name: str) -> list[str]:
 
 def save_config(config: PCMTrainConfig, path: str | os.PathLike) -> None:
     """Writes ``config`` as YAML that ``--config`` (``load_config(config_file=...)``) reads back."""
-    from pcm_train.training.checkpoint import write_atomically
+    from pcm_train.runtime.files import write_atomically
 
     write_atomically(Path(path), OmegaConf.to_yaml(OmegaConf.structured(config)))
 
@@ -344,6 +344,10 @@ def _check_combinations(config: PCMTrainConfig) -> None:
     if config.actor.kl_coef > 0 and config.policy.lora_r == 0:
         raise ConfigError("actor.kl_coef > 0 needs LoRA (policy.lora_r > 0): the KL reference is the base policy "
                           "with the adapters disabled, so no second model is kept in memory")
+    if config.policy.name == "openvla_oft" and config.policy.observation != "image":
+        raise ConfigError(f"policy.name=openvla_oft sees images only, got policy.observation="
+                          f"{config.policy.observation} (set by an override, a --config file or the preset); "
+                          "set policy.observation=image env.camera=true, or use preset=paper")
     if config.pcm.gripper_signal == "fingers" and config.env.suite != "metaworld":
         raise ConfigError(f"pcm.gripper_signal=fingers needs an env that reports its fingers (env.suite=metaworld), "
                           f"got env.suite={config.env.suite}; use pcm.gripper_signal=command")

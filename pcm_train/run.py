@@ -3,8 +3,10 @@
     python -m pcm_train.run [--config my.yaml] [key=value ...]
 
 With no arguments it runs the built-in default (``preset=quick``): LIBERO-Object,
-the small VLA, a few short steps that fit a 2-core CPU machine. ``preset=paper``
-is the paper's configuration (OpenVLA-OFT on GPUs). Any config key can be set,
+the shipped small VLA in state mode, a few short steps that fit a 2-core CPU machine. Naming
+another policy without a preset (``policy.name=openvla_oft policy.path=CKPT``) keeps quick's run
+size but not its policy settings: the paper's observation mode (images, rendered envs) and
+LoRA r = 32 unless set. ``preset=paper`` is the paper's configuration (OpenVLA-OFT on GPUs). Any config key can be set,
 e.g. ``pcm.strategy=full pcm.budget=8 trainer.total_steps=20
 trainer.output_dir=runs/full``. ``resume=RUN_DIR`` continues a run from its last
 checkpoint (its saved config, then your overrides). Ctrl-C saves and exits.
@@ -15,7 +17,7 @@ overrides on top, as in verl.
 Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
 rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
 each rank trains its share of the trajectories and the gradients are summed,
-so K GPUs make the same update as one (``pcm_train.training.distributed``). Run
+so K GPUs make the same update as one (``pcm_train.runtime.distributed``). Run
 directories must be on a filesystem every rank can read.
 Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/``, ``report/`` (plots and summary.md).
@@ -27,7 +29,12 @@ import sys
 from pathlib import Path
 
 from pcm_train.cli import run_command
-from pcm_train.config import ConfigError, load_config
+from pcm_train.config import ConfigError, PCMTrainConfig, config_to_dict, load_config
+
+DEFAULT_PRESET = "quick"
+# What the default preset sets for its shipped small VLA (state mode, camera-less envs, no LoRA, its
+# weights). A run that names another policy and no preset leaves these at their defaults unless it sets them.
+SHIPPED_POLICY_KEYS = ("policy.path", "policy.observation", "policy.lora_r", "env.camera")
 
 
 def _flatten(prefix: str, value) -> list[str]:
@@ -44,7 +51,9 @@ def _flatten(prefix: str, value) -> list[str]:
 
 def resolve_overrides(argv: list[str], config_file: str | None = None) -> list[str]:
     """The user's overrides, after the saved config of ``resume=DIR`` or the default preset (none
-    with a ``--config`` file: the file names its preset, if any)."""
+    with a ``--config`` file: the file names its preset, if any). With the default preset, naming a
+    policy other than small_vla resets the ``SHIPPED_POLICY_KEYS`` the user did not set to their
+    defaults: ``policy.name=openvla_oft`` runs on images from rendered envs with LoRA r = 32."""
     keys = [a.partition("=")[0].strip() for a in argv]
     if "resume" in keys:
         run_dir = Path(argv[keys.index("resume")].partition("=")[2].strip())
@@ -62,7 +71,14 @@ def resolve_overrides(argv: list[str], config_file: str | None = None) -> list[s
         preset = config.pop("preset", None)
         base = [f"preset={'null' if preset is None else preset}"] + _flatten("", config)
         return base + argv
-    return argv if "preset" in keys or config_file is not None else ["preset=quick"] + argv
+    if "preset" in keys or config_file is not None:
+        return argv
+    names = [a.partition("=")[2].strip() for a, key in zip(argv, keys) if key == "policy.name"]
+    base = [f"preset={DEFAULT_PRESET}"]
+    if names and names[-1] != "small_vla":
+        defaults = dict(item.split("=", 1) for item in _flatten("", config_to_dict(PCMTrainConfig())))
+        base += [f"{key}={defaults[key]}" for key in SHIPPED_POLICY_KEYS if key not in keys]
+    return base + argv
 
 
 def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -96,7 +112,7 @@ def _main(argv: list[str]) -> int:
     config_file, argv = split_config_file(argv)
     cfg = load_config(resolve_overrides(argv, config_file), config_file=config_file)
     _check_device(cfg.trainer.device)  # before the slow imports below
-    from pcm_train.training.distributed import init_distributed
+    from pcm_train.runtime.distributed import init_distributed
     from pcm_train.training.trainer import Trainer, make_env_pool
 
     dist_info = init_distributed()

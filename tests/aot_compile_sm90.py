@@ -188,6 +188,9 @@ def runtime_cases():
                 pk.select_chunks(gripper, steps, keep, B, generator=gen, return_weights=unbiased)
         cases.append((f"label_phases + select_chunks, gripper {name} [N, C, L]", controller))
 
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        name = str(dtype).replace("torch.", "")
+
         def sample(dtype=dtype):
             weights = torch.rand(N, C, generator=gen).to(dtype)
             for unbiased in (False, True):

@@ -23,4 +23,7 @@ def test_kernels_compile_for_sm90():
     wide = [line for line in compiled if "'src_ptr': '*bf16'" in line and "'BLOCK_F': 512" in line]
     assert len(wide) == 2 and all("v4x32" in line for line in wide), "\n".join(wide) or result.stdout
     # every call site (both sampling variants per dtype, shrink_batch, actor, activations) compiled
-    assert len(compiled) >= 3 * (1 + 2 * 2) + 5, result.stdout
+    assert len(compiled) >= 3 * (1 + 2) + 4 * 2 + 5, result.stdout
+    # the race weights are computed in float64: float64 sample weights and the float64 keep probabilities
+    assert sum("'weights_ptr': '*fp64'" in line for line in compiled) == 2, result.stdout
+    assert all("'keep_ptr': '*fp64'" in line for line in compiled if line.startswith("ok select_chunks_kernel"))

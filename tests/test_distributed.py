@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from pcm_train.algorithm.actor import update_actor
 from pcm_train.config import load_config
 from pcm_train.algorithm.controller import PCMController
-from pcm_train.training.distributed import DistInfo
+from pcm_train.runtime.distributed import DistInfo
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 from pcm_train.tools.synthetic import synthetic_rollout_batch

@@ -11,7 +11,7 @@ import torch
 
 import pcm_kernels as pk
 from pcm_train.tools import compare_update as cu
-from pcm_train.training.memory import SavedActivations
+from pcm_train.runtime.memory import SavedActivations
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("environment", "labels", "sampling", "plackett_luce", "packing", "overflow", "bandwidth", "select_latency",

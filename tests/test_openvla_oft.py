@@ -1,6 +1,7 @@
 """OpenVLA-OFT on current transformers: the tiny checkpoint against the original stack's outputs, padding and
 packing invariance, LoRA and merged-checkpoint round trips, the processor, and the loading errors."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,72 @@ def test_key_mismatch_names_the_keys(tmp_path):
                                          r"weight'\]\), 1 unexpected \(first: \['language_model\.model\.layers\.0\."
                                          r"mlp\.upper_proj"):
         load(dest)
+
+
+# ----- the README's command line -----
+
+def readme_openvla_line() -> list[str]:
+    """The README's OpenVLA-OFT run, ``[python -m pcm_train.run] policy.name=openvla_oft policy.path=...``,
+    as the command's argv."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [span for span in re.findall(r"`([^`]*)`", readme) if "policy.name=openvla_oft" in span
+             and "policy.path=" in span]
+    assert len(lines) == 1, lines
+    argv = lines[0].split()
+    return argv[3:] if argv[:3] == ["python", "-m", "pcm_train.run"] else argv
+
+
+class RecordingPool:
+    """Stands in for ``EnvWorkerPool`` (no renderer here): records how the run builds its envs and
+    serves the fake pool's images at the size asked for."""
+
+    built: list[dict] = []
+
+    def __init__(self, num_workers, suite, *, camera, image_size, privileged_state, max_steps, **options):
+        from fake_env import FakePool
+
+        RecordingPool.built.append({"suite": suite, "camera": camera, "image_size": image_size,
+                                    "privileged_state": privileged_state})
+        self.pool = FakePool(image_size=image_size, max_steps=max_steps, close_steps=12)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+def test_the_readme_openvla_oft_line_runs(tmp_path, monkeypatch, capsys):
+    """The README line as written (its path replaced by the tiny checkpoint with a tokenizer) resolves to
+    the paper's observation mode and starts a run: policy, rendered-env pool, a step, its checkpoint."""
+    from pcm_train import run
+    from pcm_train.config import ConfigError, load_config
+    from pcm_train.envs import libero, workers
+    from pcm_train.training.checkpoint import latest_checkpoint
+
+    checkpoint = copy_checkpoint(tmp_path / "ckpt")
+    write_test_tokenizer(checkpoint)
+    argv = [f"policy.path={checkpoint}" if arg.startswith("policy.path=") else arg for arg in readme_openvla_line()]
+    assert argv[0] == "policy.name=openvla_oft" and len(argv) == 2
+    cfg = load_config(run.resolve_overrides(argv))
+    assert (cfg.policy.name, cfg.policy.path, cfg.policy.observation, cfg.env.camera) == \
+        ("openvla_oft", str(checkpoint), "image", True)
+    assert cfg.policy.lora_r == 32 and cfg.rollout == load_config(["preset=quick"]).rollout  # quick's run size
+    # what the user sets explicitly stays; a state-mode request is refused with the fix
+    assert load_config(run.resolve_overrides(argv + ["policy.lora_r=4"])).policy.lora_r == 4
+    with pytest.raises(ConfigError, match="openvla_oft sees images only.*policy.observation=image env.camera=true"):
+        load_config(run.resolve_overrides(argv + ["policy.observation=state"]))
+    with pytest.raises(ConfigError, match="policy.observation=image env.camera=true"):
+        load_config(run.resolve_overrides(["preset=quick"] + argv))
+    assert load_config(run.resolve_overrides(["policy.name=small_vla"])).policy.observation == "state"
+
+    renderer = []
+    monkeypatch.setattr(libero, "choose_renderer", lambda: renderer.append(True))
+    monkeypatch.setattr(workers, "EnvWorkerPool", RecordingPool)
+    monkeypatch.setattr(RecordingPool, "built", [])
+    monkeypatch.chdir(tmp_path)
+    assert run.main(argv + ["trainer.total_steps=1"]) == 0  # one of quick's four steps keeps the test short
+    assert renderer and RecordingPool.built == [{"suite": "libero_object", "camera": True, "image_size": 224,
+                                                 "privileged_state": False}]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["policy"]["observation"] == "image" and saved["policy"]["path"] == str(checkpoint)
+    assert (latest_checkpoint(run_dir) / "policy" / "adapter_config.json").is_file()
+    assert "finished at step" in capsys.readouterr().out

@@ -1,14 +1,17 @@
 """Nothing lost, nothing silent: run directories that cannot be clobbered, corrupt resume directories
-refused with a message naming the file, resumed logs that agree with the checkpoint, staging leftovers
-cleaned. Runs use the fake env pool (tests/fake_env.py) through the real trainer and CLI."""
+refused with a message naming the file, trainer states loaded without unpickling code, resumed logs that
+agree with the checkpoint, staging leftovers cleaned. Runs use the fake env pool (tests/fake_env.py) through the real trainer and CLI."""
 import json
+import os
+import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from pcm_train import run
-from pcm_train.training.checkpoint import CheckpointError, latest_checkpoint
+from pcm_train.training.checkpoint import CheckpointError, latest_checkpoint, load_trainer_state
 from pcm_train.config import load_config
 from pcm_train.training.metrics_log import read_metrics
 from pcm_train.training.run_dir import RunDirError
@@ -133,7 +136,7 @@ def test_redone_steps_replace_their_log_rows_and_tensorboard_points(tmp_path):
     state_dir = path / "checkpoints"
     shutil.copytree(state_dir / "step_000001", state_dir / "step_000000")
     (state_dir / "latest").write_text("step_000000")  # as if the run had died after logging step 1
-    state = torch.load(state_dir / "step_000000" / "trainer_state.pt", weights_only=False)
+    state = torch.load(state_dir / "step_000000" / "trainer_state.pt", weights_only=True)  # plain data
     state["step"] = 0
     torch.save(state, state_dir / "step_000000" / "trainer_state.pt")
     cfg = load_config(TINY + [f"resume={path}", "trainer.total_steps=2", "trainer.save_every=0"])
@@ -191,6 +194,62 @@ def test_corrupt_resume_directories_give_an_error_naming_the_file(finished_run, 
     assert code == 2, err
     assert "\nerror: " in "\n" + err and message in err and "Traceback" not in err
     assert _snapshot(path) == before
+
+
+# ---- trainer states are read without unpickling code --------------------------------------------------
+
+
+class _Payload:
+    """Pickles as a call of ``os.mkdir(path)``: what a crafted checkpoint would run when unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_crafted_pickle_in_a_checkpoint_does_not_run(finished_run, tmp_path, cli):
+    path = _copy(finished_run, tmp_path)
+    state_path = path / "checkpoints" / "step_000001" / "trainer_state.pt"
+    marker = tmp_path / "payload_ran"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "controller": {**state["controller"], "extra": _Payload(marker)}}, state_path)
+    before = _snapshot(path)
+    code, err = cli(f"resume={path}", "trainer.total_steps=3")
+    assert code == 2 and "trainer_state.pt holds pickled objects other than tensors" in err, err
+    assert "it is not loaded" in err and "Traceback" not in err
+    assert not marker.exists() and _snapshot(path) == before
+    torch.load(state_path, weights_only=False)  # the payload is live: an unpickling load runs it
+    assert marker.exists()
+
+
+def _as_legacy(state_path):
+    """Rewrites a trainer state as checkpoints held it before plain-data states: numpy's global RNG
+    state as ``np.random.get_state()``'s tuple with a uint32 array."""
+    state = torch.load(state_path, weights_only=True)
+    numpy_state = state["rng"]["numpy"]
+    state["rng"]["numpy"] = ("MT19937", np.array(numpy_state["state"]["key"], dtype=np.uint32),
+                             numpy_state["state"]["pos"], numpy_state["has_gauss"], numpy_state["gauss"])
+    torch.save(state, state_path)
+
+
+def test_a_checkpoint_from_before_plain_states_resumes_as_the_same_one(finished_run, tmp_path, cli):
+    plain, legacy = _copy(finished_run, tmp_path / "plain"), _copy(finished_run, tmp_path / "legacy")
+    _as_legacy(legacy / "checkpoints" / "step_000001" / "trainer_state.pt")
+    with pytest.raises(pickle.UnpicklingError):  # it needs numpy's array globals
+        torch.load(legacy / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=True)
+    assert load_trainer_state(legacy / "checkpoints" / "step_000001")["rng"]["numpy"][0] == "MT19937"
+    for path in (plain, legacy):
+        np.random.seed(len(str(path)))  # a different global state before each resume
+        code, err = cli(f"resume={path}", "trainer.total_steps=3")
+        assert code == 0, err
+    rows = [read_metrics(p / "metrics.jsonl")[2] for p in (plain, legacy)]
+    for key in ("success_rate", "chunks_kept", "pcm/keep_prob/active_grip", "episode_steps_mean", "actor/pg_loss"):
+        assert rows[0][key] == rows[1][key], key
+    states = [torch.load(latest_checkpoint(p) / "trainer_state.pt", weights_only=True) for p in (plain, legacy)]
+    assert states[0]["rng"]["numpy"] == states[1]["rng"]["numpy"]  # the legacy state was restored
+    assert states[0]["episode_rng"] == states[1]["episode_rng"]
 
 
 def test_checkpoint_errors_are_value_errors():

@@ -12,7 +12,7 @@ from pcm_kernels._philox import philox_uniform
 from pcm_kernels.sampling import naive
 from pcm_kernels.sampling import vectorized
 from pcm_kernels.sampling.kernels import launch_sample_chunks, launch_select_chunks, one_minus_exp_neg
-from pcm_kernels.sampling.vectorized import race_keys
+from pcm_kernels.sampling.vectorized import MIN_RACE_WEIGHT, race_keys, race_weights
 
 from gripper_cases import random_gripper
 
@@ -73,7 +73,7 @@ def test_triton_matches_torch(budget, dtype, gen, use_backend):
     out = torch.full((N, budget), 77, dtype=torch.int64)
     launch_sample_chunks(weights, num_chunks, seed, out)
     assert not (out == 77).any(), "every index element must be written"
-    _check_same_draw(out, expected, race_keys(weights, eligible, uniforms), budget)
+    _check_same_draw(out, expected, race_keys(race_weights(weights, eligible), eligible, uniforms), budget)
     assert (out[0] == -1).all()
     assert (out[1, 1:] == -1).all()
 
@@ -168,7 +168,8 @@ def test_select_triton_matches_torch(gen, use_backend):
     launch_select_chunks(gripper, steps, keep, seed, labels, index, 0.0, 0.75, 0.5, 0.1, 3)
     assert not (labels == 55).any() and not (index == 55).any()
     assert torch.equal(labels, ref_labels)
-    _check_same_draw(index, ref_index, race_keys(ref_weights, ref_weights > 0, uniforms), B)
+    eligible = ref_weights > 0
+    _check_same_draw(index, ref_index, race_keys(race_weights(ref_weights, eligible), eligible, uniforms), B)
     assert (index[0] == -1).all()
 
 
@@ -176,7 +177,7 @@ def test_select_triton_matches_torch(gen, use_backend):
 
 def _weight_cases(N, C, generator, dtype=torch.float32):
     """Random weights with zeros and padding, plus edge rows: all-zero weights, num_chunks = 0,
-    num_chunks < C, a row with 2 eligible chunks, a row of tiny weights (keys clamp at 3e38)."""
+    num_chunks < C, a row with 2 eligible chunks, a row of tiny weights (racing as a row of ones)."""
     weights = torch.rand(N, C, generator=generator) * (torch.rand(N, C, generator=generator) > 0.3)
     num_chunks = torch.randint(0, C + 1, (N,), generator=generator)
     weights[0] = 0.0
@@ -259,12 +260,13 @@ def test_weights_public_api_same_draw(gen, use_backend):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_weights_extreme_values_are_finite(backend, use_backend):
-    """Tiny, denormal and huge weights, tau = inf or clamped at 3e38: never NaN/inf, always >= 1."""
+    """Tiny, denormal and huge weights, ratios racing as 2**-126 (keys clamped at 3e38), tau = inf:
+    never NaN/inf, always >= 1."""
     rows = torch.tensor([
-        [1e-30, 1e-30, 1e-30, 1e-30],  # every key clamped at 3e38: tau = 3e38
-        [1e-40, 3e38, 1e-40, 1.0],  # a denormal weight, a huge one
+        [1e-30, 1e-30, 1e-30, 1e-30],  # tiny, but a row of ones to the race
+        [1e-40, 3e38, 1e-40, 1.0],  # denormal beside huge: ratios below 2**-126 race as 2**-126
         [1e-38, 1e-38, 0.0, 0.0],  # <= budget eligible: tau = inf, weights exactly 1
-        [1e30, 1e-30, 1e30, 1e-30],
+        [1e30, 1e-30, 1e30, 1e-30],  # ratio 1e-60: 2**-126, most of its keys clamped at 3e38
     ])
     use_backend(backend)
     for seed in range(3):
@@ -422,9 +424,60 @@ def test_sampling_bad_input():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_float64_weights_below_float32_range_are_never_drawn(backend, use_backend):
-    """Both backends race in float32: a float64 weight that rounds to 0 there is not eligible."""
+def test_float64_rows_at_any_scale_draw_as_at_scale_one(backend, use_backend):
+    """The race sees each row over its largest weight: float64 rows at 1e-300 and 1e300 (beyond float32's
+    range) give the same chunks and the same 1/q weights as at scale 1, on both backends."""
+    gen = torch.Generator().manual_seed(5)
+    N, C, B = 8, 16, 5
+    base = (torch.rand(N, C, generator=gen) * (torch.rand(N, C, generator=gen) > 0.3)).double()
+    num_chunks = torch.randint(1, C + 1, (N,), generator=gen)
     use_backend(backend)
-    weights = torch.tensor([[1e-300, 1.0, 0.5, 1e-300]], dtype=torch.float64)
+
+    def draw(weights):
+        return pk.sample_chunks(weights, B, num_chunks, generator=torch.Generator().manual_seed(7),
+                                return_weights=True)
+
+    index, ht = draw(base)
+    assert (index >= 0).sum() > N and (ht > 1).any()  # rows with more eligible chunks than the budget
+    for scale in (1e-300, 1e300):
+        scaled_index, scaled_ht = draw(base * scale)
+        assert torch.equal(scaled_index, index) and torch.equal(scaled_ht, ht), scale
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ratios_below_float32_range_race_as_its_smallest_normal(backend, use_backend):
+    """1e-300 beside 1e300 in one float64 row: the ratio underflows float32, so it races as 2**-126
+    (documented): still eligible, drawn when the budget reaches it, finite 1/q weights."""
+    weights = torch.tensor([[1e300, 1e-300, 0.0, 1.0], [3e-300, 1e300, 1e-300, 0.0]], dtype=torch.float64)
+    tiny = MIN_RACE_WEIGHT
+    assert race_weights(weights, weights > 0).tolist() == [[1.0, tiny, 0.0, tiny], [tiny, 1.0, tiny, 0.0]]
+    use_backend(backend)
     index, ht = pk.sample_chunks(weights, 3, generator=torch.Generator().manual_seed(0), return_weights=True)
-    assert index.tolist() == [[1, 2, -1]] and ht.tolist() == [[1.0, 1.0, 0.0]]
+    assert index.tolist() == [[0, 1, 3], [0, 1, 2]] and (ht == 1.0).all()
+    rows = weights[:1].expand(40, 4)
+    index, ht = pk.sample_chunks(rows, 2, generator=torch.Generator().manual_seed(1), return_weights=True)
+    assert (index[:, 0] == 0).all() and set(index[:, 1].tolist()) == {1, 3}  # the largest always, then either
+    assert torch.isfinite(ht).all() and (ht[:, 0] == 1.0).all() and (ht[:, 1] > 1.0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_select_keep_probs_at_any_scale_draw_as_at_scale_one(backend, use_backend):
+    """``select_chunks`` races each row over its largest keep weight too: float64 keep probabilities
+    at 1e-300 (a tensor or a sequence of floats) draw as at scale 1, labels and 1/q weights included."""
+    gen = torch.Generator().manual_seed(3)
+    N, C, L, B = 6, 12, 8, 4
+    gripper = random_gripper(N, C, L, generator=gen)
+    steps = torch.randint(C * L // 2, C * L + 1, (N,), generator=gen)
+    keep = torch.tensor([0.3, 0.9, 1.0, 0.6, 0.1], dtype=torch.float64)
+    use_backend(backend)
+
+    def draw(keep_probs):
+        return pk.select_chunks(gripper, steps, keep_probs, B, generator=torch.Generator().manual_seed(2),
+                                return_weights=True)
+
+    labels, index, ht = draw(keep)
+    assert (index >= 0).all() and (ht > 1).any()
+    for scaled in (keep * 1e-300, (keep * 1e-300).tolist(), keep * 1e300):
+        again = draw(scaled)
+        assert torch.equal(again[0], labels) and torch.equal(again[1], index) and torch.equal(again[2], ht)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcm_train.config import load_config
+from pcm_train.config import PolicySection, load_config
 from pcm_train.training.metrics_log import read_metrics
 from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.policies.factory import build_policy
@@ -88,9 +88,10 @@ def test_config_and_factory_choose_the_observation_mode(tmp_path):
         build_policy(cfg, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="policy.observation"):
         load_config(["policy.observation=depth"])
-    with pytest.raises(ValueError, match="openvla_oft sees images only"):
-        build_policy(load_config(["policy.name=openvla_oft", "policy.observation=state"]).policy,
-                     device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="openvla_oft sees images only.*set policy.observation=image env.camera=true"):
+        load_config(["policy.name=openvla_oft", "policy.observation=state"])
+    with pytest.raises(ValueError, match="openvla_oft sees images only.*set policy.observation=image env.camera=true"):
+        build_policy(PolicySection(name="openvla_oft", observation="state"), device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -47,13 +47,20 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
     Eligible chunks are ``k < num_chunks[n]`` with ``weights[n, k] > 0``; each row gets
     ``min(budget, #eligible)`` of them with Plackett-Luce probabilities (repeatedly pick
     with probability proportional to the remaining weights). The draw is an exponential
-    race: keys ``E_c / w_c``, ``E_c ~ Exp(1)``, the ``budget`` smallest are kept.
+    race in float32: keys ``E_c / w_c``, ``E_c ~ Exp(1)``, the ``budget`` smallest are kept.
+
+    The race weight ``w_c`` is the chunk's weight over its row's largest eligible weight,
+    computed in float64 and rounded to float32 (the law depends only on these ratios), so
+    every positive finite weight stays eligible whatever its dtype and scale (a float64 row
+    at 1e-300 or 1e300 draws as the same row at 1). A ratio below float32's smallest normal
+    number 2**-126 (e.g. 1e-300 beside 1e300 in one float64 row) races as 2**-126: it stays
+    eligible, at a weight above its true ratio (and its ``1 / q`` below follows that weight).
 
     Threshold weights (Kool, van Hoof & Welling, ICML 2019 and ICLR 2020): with ``tau`` the
     ``budget + 1``-th smallest eligible key of the row (``inf`` if it has <= budget eligible),
     chunk c is kept with probability ``q_c = 1 - exp(-w_c * tau)`` given ``tau``, so for any
-    fixed ``x``, ``E[sum_j x[n, index[n, j]] * ht_weights[n, j]] = sum_{c eligible} x[n, c]``.
-    ``w_c`` is the weight in float32, as the race uses it.
+    fixed ``x``, ``E[sum_j x[n, index[n, j]] * ht_weights[n, j]] = sum_{c eligible} x[n, c]``
+    (``w_c`` the race weight above, as the draw uses it).
 
     Args:
         weights: float [N, C] non-negative finite weights (any float dtype, any strides);
@@ -102,8 +109,7 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
         ht = torch.empty(N, budget, dtype=torch.float32, device=weights.device) if return_weights else None
         return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out, ht)
-    # eligibility on the float32 weights the race uses (as the kernel): a float64 1e-300 is 0 there
-    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights.to(torch.float32) > 0)
+    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
     uniforms = torch.rand(N, C, generator=generator, device=weights.device)
     if return_weights:
         return vectorized.sample_with_weights(weights, eligible, budget, uniforms)
@@ -115,7 +121,7 @@ def _keep_probs_tensor(keep_probs, device: torch.device, validate: bool, checks:
     if not isinstance(keep_probs, torch.Tensor):
         refused = isinstance(keep_probs, (str, bytes, dict, set)) or isinstance(keep_probs, numbers.Number)
         try:
-            converted = None if refused else torch.as_tensor(keep_probs, dtype=torch.float32)
+            converted = None if refused else torch.as_tensor(keep_probs, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             converted = None
         if converted is None:
@@ -130,7 +136,7 @@ def _keep_probs_tensor(keep_probs, device: torch.device, validate: bool, checks:
         raise ValueError(f"keep_probs must be on the CPU or on gripper's device ({device}), got {keep_probs.device}")
     elif validate:
         checks.append(_weights_check("keep_probs", keep_probs))
-    return keep_probs.to(device=device, dtype=torch.float32)
+    return keep_probs.to(device=device, dtype=torch.float64)  # exact for every float dtype: see race weights
 
 
 def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
@@ -150,7 +156,8 @@ def select_chunks(gripper: torch.Tensor, num_steps: Optional[torch.Tensor],
         num_steps: int [N] env steps executed, in ``[0, C * L]``, or None for all.
         keep_probs: [5] non-negative finite keep weight per ``Phase``: a float tensor on the CPU
             or on gripper's device, or a sequence of numbers (a CPU tensor or a sequence is always
-            checked, for free; a CUDA tensor only with ``validate``).
+            checked, for free; a CUDA tensor only with ``validate``). Each row races with its
+            weights over its largest, as ``sample_chunks`` does: any positive scale stays eligible.
         budget: chunks to draw per trajectory, in ``[1, max(C, 65536)]`` (see ``sample_chunks``).
         close_above, sustain, grip, low, window: the labeling rules (see ``label_phases``).
         return_weights: also return the threshold weights (see ``sample_chunks``).

@@ -3,7 +3,8 @@
 ``select_chunks_kernel`` fuses labeling, the per-phase keep weights and the
 draw in one launch; ``sample_chunks_kernel`` draws from given weights. Both
 regenerate their uniforms from ``tl.rand(seed, n * C + k)`` with the seed read
-from device memory, so no host synchronization is needed. With
+from device memory, so no host synchronization is needed. Both race each row's
+weights over its largest in float64, rounded to float32 (``race_weights``). With
 ``WITH_WEIGHTS=True`` they also store the threshold (Horvitz-Thompson) weights
 of the kept chunks in the same launch.
 """
@@ -14,6 +15,7 @@ from ..phases.kernels import block_sizes, row_labels
 from ..phases.vectorized import float32_threshold
 
 MAX_KEY = tl.constexpr(3.0e38)  # = vectorized.MAX_KEY
+MIN_RACE_WEIGHT = tl.constexpr(2.0**-126)  # = vectorized.MIN_RACE_WEIGHT
 
 
 @triton.jit
@@ -32,9 +34,21 @@ def one_minus_exp_neg(y):
 
 
 @triton.jit
+def race_weights(w, eligible):
+    """float32 race weights of one row (= ``vectorized.race_weights``): ``w`` (any float dtype) over the
+    row's largest eligible weight in float64, rounded to float32, at least MIN_RACE_WEIGHT where
+    ``eligible``, 0.0 elsewhere."""
+    wide = tl.where(eligible, w.to(tl.float64), 0.0)
+    top = tl.max(wide, axis=0)
+    ratio = (wide / tl.where(top > 0, top, 1.0)).to(tl.float32)
+    return tl.where(eligible, tl.maximum(ratio, MIN_RACE_WEIGHT), 0.0)
+
+
+@triton.jit
 def draw_row(index_ptr, ht_ptr, n, seed, weight, eligible, C, budget,
              BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, WITH_WEIGHTS: tl.constexpr):
-    """Store the ascending ids of the ``budget`` smallest race keys of row ``n``, then -1s.
+    """Store the ascending ids of the ``budget`` smallest race keys of row ``n`` (``weight``: its float32
+    race weights), then -1s.
 
     With ``WITH_WEIGHTS`` also store ``1 / q_c`` (``q_c = 1 - exp(-w_c tau)``, ``tau`` the
     ``budget + 1``-th smallest eligible key) at the same slots of ``ht_ptr``: 1.0 when
@@ -77,9 +91,9 @@ def sample_chunks_kernel(weights_ptr, num_chunks_ptr, seed_ptr, index_ptr, ht_pt
     offs_c = tl.arange(0, BLOCK_C)
     in_row = offs_c < C
     w = tl.load(weights_ptr + n.to(tl.int64) * stride_n + offs_c * stride_c, mask=in_row, other=0.0)
-    w = w.to(tl.float32)
     eligible = in_row & (offs_c < tl.load(num_chunks_ptr + n)) & (w > 0)
-    draw_row(index_ptr, ht_ptr, n, tl.load(seed_ptr), w, eligible, C, budget, BLOCK_C, BLOCK_B, WITH_WEIGHTS)
+    draw_row(index_ptr, ht_ptr, n, tl.load(seed_ptr), race_weights(w, eligible), eligible, C, budget,
+             BLOCK_C, BLOCK_B, WITH_WEIGHTS)
 
 
 @triton.jit
@@ -94,9 +108,10 @@ def select_chunks_kernel(grip_ptr, num_steps_ptr, keep_ptr, seed_ptr, labels_ptr
     offs_c = tl.arange(0, BLOCK_C)
     tl.store(labels_ptr + n.to(tl.int64) * C + offs_c, label.to(tl.int8), mask=offs_c < C)
     labeled = label >= 0
-    w = tl.load(keep_ptr + tl.maximum(label, 0), mask=labeled, other=0.0).to(tl.float32)
-    draw_row(index_ptr, ht_ptr, n, tl.load(seed_ptr), w, labeled & (w > 0), C, budget, BLOCK_C, BLOCK_B,
-             WITH_WEIGHTS)
+    w = tl.load(keep_ptr + tl.maximum(label, 0), mask=labeled, other=0.0)
+    eligible = labeled & (w > 0)
+    draw_row(index_ptr, ht_ptr, n, tl.load(seed_ptr), race_weights(w, eligible), eligible, C, budget,
+             BLOCK_C, BLOCK_B, WITH_WEIGHTS)
 
 
 def _block_b(budget: int) -> int:
@@ -121,6 +136,7 @@ def launch_sample_chunks(weights, num_chunks, seed, out, ht_out=None):
 def launch_select_chunks(gripper, num_steps, keep_probs, seed, labels_out, index_out,
                          close_above, sustain, grip, low, window, ht_out=None):
     """Fused labels + weights + draw; writes labels_out int8 [N, C] and index_out int64 [N, budget].
+    ``keep_probs``: float [5] (``select_chunks`` passes float64).
 
     With ``ht_out`` float32 [N, budget] (contiguous) also write the threshold weights there and
     return ``(labels_out, index_out, ht_out)``.

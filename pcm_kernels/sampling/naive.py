@@ -4,6 +4,7 @@ import math
 import torch
 
 MAX_KEY = 3.0e38
+MIN_RACE_WEIGHT = 2.0**-126
 
 
 def exponential_key(u: float, w: float) -> float:
@@ -13,10 +14,24 @@ def exponential_key(u: float, w: float) -> float:
     return float(torch.clamp(-torch.log(1.0 - u32) / w32, max=3.0e38))
 
 
+def race_weight(w: float, top: float) -> float:
+    """The float32 weight a chunk races with: ``w / top`` (its row's largest eligible weight) in
+    float64 rounded to float32, at least float32's smallest normal number 2**-126."""
+    ratio = float(torch.tensor(w / top, dtype=torch.float32))
+    return max(ratio, MIN_RACE_WEIGHT)
+
+
+def _row_weights(weights, num_chunks, n: int) -> dict[int, float]:
+    """{chunk id: race weight} of row ``n``'s eligible chunks (``k < num_chunks[n]``, weight > 0)."""
+    eligible = {k: float(weights[n, k]) for k in range(weights.shape[1])
+                if k < int(num_chunks[n]) and float(weights[n, k]) > 0}
+    top = max(eligible.values(), default=1.0)
+    return {k: race_weight(w, top) for k, w in eligible.items()}
+
+
 def _row_keys(weights, uniforms, num_chunks, n: int) -> list[tuple[float, int]]:
-    """(race key, chunk id) of row ``n``'s eligible chunks (``k < num_chunks[n]``, weight > 0)."""
-    return [(exponential_key(float(uniforms[n, k]), float(weights[n, k])), k)
-            for k in range(weights.shape[1]) if k < int(num_chunks[n]) and float(weights[n, k]) > 0]
+    """(race key, chunk id) of row ``n``'s eligible chunks."""
+    return [(exponential_key(float(uniforms[n, k]), w), k) for k, w in _row_weights(weights, num_chunks, n).items()]
 
 
 def sample_rows(weights, uniforms, budget: int, num_chunks):
@@ -32,7 +47,7 @@ def sample_rows(weights, uniforms, budget: int, num_chunks):
 def sample_rows_with_weights(weights, uniforms, budget: int, num_chunks):
     """``(index int64 [N, budget], ht float64 [N, budget])``: ``sample_rows`` plus threshold weights.
 
-    ``ht = 1 / q_c`` with ``q_c = -expm1(-w_c * tau)`` in float64 (``w_c`` the float32 weight,
+    ``ht = 1 / q_c`` with ``q_c = -expm1(-w_c * tau)`` in float64 (``w_c`` the race weight,
     ``tau`` the ``budget + 1``-th smallest float32 key), 1.0 if the row has <= budget
     eligible chunks, at most MAX_KEY; 0.0 at the -1 padding.
     """
@@ -40,6 +55,7 @@ def sample_rows_with_weights(weights, uniforms, budget: int, num_chunks):
     index = torch.full((N, budget), -1, dtype=torch.int64)
     ht = torch.zeros((N, budget), dtype=torch.float64)
     for n in range(N):
+        raced = _row_weights(weights, num_chunks, n)
         keys = sorted(_row_keys(weights, uniforms, num_chunks, n))
         tau = keys[budget][0] if len(keys) > budget else math.inf
         for j, k in enumerate(sorted(k for _, k in keys[:budget])):
@@ -47,8 +63,7 @@ def sample_rows_with_weights(weights, uniforms, budget: int, num_chunks):
             if math.isinf(tau):
                 ht[n, j] = 1.0
             else:
-                w32 = float(torch.tensor(float(weights[n, k]), dtype=torch.float32))
-                q = -math.expm1(-w32 * tau)
+                q = -math.expm1(-raced[k] * tau)
                 ht[n, j] = min(1.0 / q, MAX_KEY) if q > 0 else MAX_KEY
     return index, ht
 

@@ -2,10 +2,27 @@
 import torch
 
 MAX_KEY = 3.0e38
+MIN_RACE_WEIGHT = torch.finfo(torch.float32).tiny  # 2**-126, float32's smallest normal number
+
+
+def race_weights(weights: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """float32 [N, C] weights the race uses: each row's weights over its largest eligible one.
+
+    The ratio is computed in float64 (every float dtype converts to it exactly) and rounded once to
+    float32, so any positive finite scale races alike; an eligible weight whose ratio is below
+    ``MIN_RACE_WEIGHT`` (e.g. 1e-300 beside 1e300 in one float64 row) races as ``MIN_RACE_WEIGHT``:
+    it stays eligible. 0.0 where not eligible. ``weights``: float [N, C]; ``eligible``: bool [N, C].
+    """
+    wide = torch.where(eligible, weights.to(torch.float64), 0.0)
+    if wide.shape[1] == 0:
+        return wide.to(torch.float32)
+    top = wide.amax(1, keepdim=True)
+    ratio = (wide / torch.where(top > 0, top, 1.0)).to(torch.float32)
+    return torch.where(eligible, ratio.clamp(min=MIN_RACE_WEIGHT), 0.0)
 
 
 def race_keys(weights: torch.Tensor, eligible: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """float32 [N, C] keys ``-log(1 - u) / w`` (finite), ``inf`` where not eligible."""
+    """float32 [N, C] keys ``-log(1 - u) / w`` (finite) of the race weights ``w``, ``inf`` where not eligible."""
     keys = torch.clamp(-torch.log(1.0 - uniforms) / weights.to(torch.float32), max=MAX_KEY)
     return torch.where(eligible, keys, torch.inf)
 
@@ -33,7 +50,8 @@ def threshold(keys: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def ht_weights(weights: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, budget: int) -> torch.Tensor:
-    """float32 [N, budget] ``1 / q_c`` at the kept ``index`` entries, ``q_c = 1 - exp(-w_c tau)``.
+    """float32 [N, budget] ``1 / q_c`` at the kept ``index`` entries, ``q_c = 1 - exp(-w_c tau)`` with
+    ``w_c`` the race weight (``weights``: ``race_weights``' float32 [N, C]).
 
     Exactly 1.0 where the threshold ``tau`` is ``inf`` (the row kept all its eligible chunks),
     0.0 at the -1 padding, at most ``MAX_KEY`` (``q_c`` underflowing to 0).
@@ -51,11 +69,12 @@ def ht_weights(weights: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, b
 
 def sample(weights, eligible, budget, uniforms) -> torch.Tensor:
     """Plackett-Luce draw of ``budget`` chunks per row from float uniforms [N, C] in [0, 1)."""
-    return smallest_keys(race_keys(weights, eligible, uniforms), eligible, budget)
+    return smallest_keys(race_keys(race_weights(weights, eligible), eligible, uniforms), eligible, budget)
 
 
 def sample_with_weights(weights, eligible, budget, uniforms):
     """``sample`` plus the threshold (Horvitz-Thompson) weights: ``(index int64, ht float32)``, both [N, budget]."""
-    keys = race_keys(weights, eligible, uniforms)
+    raced = race_weights(weights, eligible)
+    keys = race_keys(raced, eligible, uniforms)
     index = smallest_keys(keys, eligible, budget)
-    return index, ht_weights(weights, keys, index, budget)
+    return index, ht_weights(raced, keys, index, budget)

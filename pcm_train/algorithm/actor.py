@@ -21,9 +21,9 @@ from verl import DataProto
 
 import pcm_kernels as pk
 from pcm_train.config import ActorSection
-from pcm_train.training.distributed import DistInfo, all_reduce_gradients
+from pcm_train.runtime.distributed import DistInfo, all_reduce_gradients
 from pcm_train.algorithm.grpo import policy_loss
-from pcm_train.training.memory import SavedActivations, peak_memory_bytes, reset_peak_memory
+from pcm_train.runtime.memory import SavedActivations, peak_memory_bytes, reset_peak_memory
 
 
 @dataclass

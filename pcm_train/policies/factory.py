@@ -32,7 +32,8 @@ def build_policy(cfg: PolicySection, *, device: torch.device, gradient_checkpoin
     if cfg.name not in POLICIES:
         raise ValueError(f"policy.name must be one of {POLICIES}, got {cfg.name!r}")
     if cfg.name == "openvla_oft" and cfg.observation != "image":
-        raise ValueError("policy.observation=state needs policy.name=small_vla (openvla_oft sees images only)")
+        raise ValueError(f"policy.observation={cfg.observation} needs policy.name=small_vla (openvla_oft sees "
+                         "images only): set policy.observation=image env.camera=true")
     if cfg.name == "openvla_oft":
         if cfg.path is None:
             raise FileNotFoundError("policy.path is required for policy.name=openvla_oft "

@@ -236,7 +236,7 @@ def measure_activation_profile(llama_config, *, dtype: torch.dtype, device, lora
 
     from transformers import LlamaModel
 
-    from pcm_train.training.memory import SavedActivations
+    from pcm_train.runtime.memory import SavedActivations
     from pcm_train.policies.lora import LORA_TARGET_MODULES
 
     device = torch.device(device)
@@ -474,7 +474,7 @@ def update_in_chunk_micro_batches(policy, optimizer, kept, cfg, chunks_per_micro
     the mini-batch's norm), so the gradients, optimizer steps and weights are the trajectory micro-batches'
     (up to float summation order). Returns the ``UpdateStats``."""
     from pcm_train.algorithm.actor import UpdateStats, accumulate_gradients, mini_batch_norm, mini_batches
-    from pcm_train.training.memory import peak_memory_bytes, reset_peak_memory
+    from pcm_train.runtime.memory import peak_memory_bytes, reset_peak_memory
 
     num_traj = int(kept.meta_info["num_traj"])
     traj_index = kept.batch["traj_index"]

@@ -12,6 +12,11 @@ Layout of a run directory::
 A checkpoint directory becomes visible under its final name only when it is
 complete, and ``latest`` is replaced atomically, so an interruption at any
 moment leaves the previous checkpoint usable.
+
+``trainer_state.pt`` holds tensors and plain data only (dicts, lists, tuples, strings, numbers,
+None; the RNG states included) and is read with ``torch.load(weights_only=True)``: loading a
+checkpoint never runs pickled code. Checkpoints written before that hold numpy's global RNG state
+as a numpy array; they load through the same safe path with numpy's array globals allowed.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcm_train.runtime.files import write_atomically
+
 LATEST = "latest"
 
 
@@ -31,29 +38,36 @@ class CheckpointError(ValueError):
     """A checkpoint that exists but cannot be read (truncated, corrupt, from another kind of run)."""
 
 
+# What a trainer state written before it held plain data needs besides tensors and plain data:
+# numpy's MT19937 key array (np.random.get_state()'s legacy tuple): numpy's _reconstruct (pickled
+# under different module names by numpy 1 and 2), the array and uint32 dtype classes it builds.
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_LEGACY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                   (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                   (_RECONSTRUCT, "numpy._core.multiarray._reconstruct")]
+_LEGACY_NAMES = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
+                 "numpy._core.multiarray._reconstruct"}
+
+
 def rng_states() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNGs' states as tensors and plain data: ``torch`` (uint8 tensor), ``numpy`` (numpy's
+    dict form, the MT19937 key as a list of ints), ``python`` (``random.getstate()``), ``cuda`` (list of
+    uint8 tensors, with CUDA)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_states(state: dict) -> None:
+    """Restores ``rng_states()`` (``numpy`` may also be an older checkpoint's legacy tuple)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def save_policy(policy, directory: Path) -> None:
@@ -100,13 +114,27 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    """The trainer state of a checkpoint; CheckpointError naming the file when it cannot be read."""
+    """The trainer state of a checkpoint, read with ``torch.load(weights_only=True)`` (nothing pickled
+    runs); CheckpointError naming the file when it cannot be read or would need other objects."""
     path = Path(checkpoint) / "trainer_state.pt"
     try:
-        state = torch.load(path, weights_only=False)
+        foreign = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _LEGACY_NAMES
+    except Exception as error:  # a file that is not a torch.save zip archive
+        raise _unreadable(path, error) from error
+    if foreign:
+        raise CheckpointError(f"resume: {path} holds pickled objects other than tensors and plain data "
+                              f"({', '.join(sorted(foreign))}); it is not loaded, as loading could run code: "
+                              "a trainer state written by pcm_train holds none")
+    try:
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            state = torch.load(path, weights_only=True)
     except Exception as error:  # torch.load raises many types for a corrupt file
-        raise CheckpointError(f"resume: cannot read {path} ({type(error).__name__}: {error}); the file is "
-                              "truncated or corrupt: point checkpoints/latest at an earlier step_* directory")
+        raise _unreadable(path, error) from error
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"resume: {path} holds no trainer state (expected a dict with 'step')")
     return state
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"resume: cannot read {path} ({type(error).__name__}: {error}); the file is "
+                           "truncated or corrupt: point checkpoints/latest at an earlier step_* directory")

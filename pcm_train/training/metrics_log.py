@@ -22,7 +22,7 @@ VALIDATION_FILE = "validation.jsonl"  # per validation episode: step, task, plac
 def truncate_jsonl(path: Path, step: int) -> None:
     """Keep the rows of steps <= ``step`` of a JSON-lines log, if it exists (atomically: a crash leaves the
     old or the new log)."""
-    from pcm_train.training.checkpoint import write_atomically
+    from pcm_train.runtime.files import write_atomically
 
     if Path(path).exists():
         rows = [r for r in read_metrics(path) if r["step"] <= step]

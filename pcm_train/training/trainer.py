@@ -19,10 +19,11 @@ from pcm_train.training import run_dir
 from pcm_train.algorithm.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict, save_config
 from pcm_train.algorithm.controller import PCMController
-from pcm_train.training.distributed import (DistInfo, any_rank, broadcast_batch, broadcast_object, gather_batch,
-                                            rank_share)
+from pcm_train.runtime.distributed import (DistInfo, any_rank, broadcast_batch, broadcast_object, gather_batch,
+                                           rank_share)
 from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 from pcm_train.training.metrics_log import MetricsLog
+from pcm_train.runtime.files import write_atomically
 from pcm_train.policies.factory import build_policy, check_policy_path
 from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
 from pcm_train.integrations.simplevla import pcm_shrink_batch
@@ -163,7 +164,7 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, loggers=t.loggers, purge_step=self.step, config=config_to_dict(self.cfg),
                              wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
         metrics.truncate_after(self.step - 1)
-        ckpt.write_atomically(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
+        write_atomically(self.run_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=2))
         save_config(self.cfg, self.run_dir / "config.yaml")  # --config RUN/config.yaml repeats the run
         return metrics
 
@@ -205,6 +206,8 @@ class Trainer:
         return list(chosen)
 
     def _trainer_state(self) -> dict:
+        """Everything but the weights a resume needs, as tensors and plain data (``torch.load(weights_only=True)``
+        reads it back: the RNG states are tensors, dicts of ints and lists, ``random.getstate()``'s tuple)."""
         return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
                 "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
                 "action_generator": self.action_generator.get_state(),
