@@ -235,7 +235,7 @@ def test_resume_continues_identically(tmp_path):
     sa = load_trainer_state(latest_checkpoint(tmp_path / "straight"))
     sb = load_trainer_state(latest_checkpoint(tmp_path / "resumed"))
     assert sa["controller"]["keep_probs"].tolist() == sb["controller"]["keep_probs"].tolist()
-    assert torch.equal(sa["action_generator"], sb["action_generator"])
+    assert "action_generator" not in sb  # training episodes draw from their own seeded streams
     assert sa["episode_rng"] == sb["episode_rng"] and sa["episode_rng"]["bit_generator"] == "PCG64"
 
 

@@ -128,7 +128,6 @@ class Trainer:
             self.optimizer = make_optimizer(self.policy, cfg.actor)
             self.controller = PCMController(cfg.pcm, seed=cfg.trainer.seed)
             self.episode_rng = np.random.default_rng(cfg.trainer.seed)
-            self.action_generator = torch.Generator(device=self.device).manual_seed(cfg.trainer.seed + 1)
             self.shuffle_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)  # same on every rank
             self.step = 0
             self.wall_time_s = 0.0
@@ -210,7 +209,6 @@ class Trainer:
         reads it back: the RNG states are tensors, dicts of ints and lists, ``random.getstate()``'s tuple)."""
         return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
                 "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
-                "action_generator": self.action_generator.get_state(),
                 "shuffle_generator": self.shuffle_generator.get_state(), "rng": ckpt.rng_states(),
                 "config": config_to_dict(self.cfg)}
 
@@ -225,7 +223,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.episode_rng.bit_generator.state = state["episode_rng"]
-        self.action_generator.set_state(state["action_generator"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
         ckpt.set_rng_states(state["rng"])
         self.step = state["step"] + 1
@@ -268,7 +265,7 @@ class Trainer:
     def _rollout(self, episodes, *, greedy: bool, desc: str, stats: RolloutStats | None = None):
         return collect_rollouts(self.policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
                                 temperature=self.cfg.actor.temperature, greedy=greedy,
-                                generator=self.action_generator, desc=desc, should_stop=lambda: self._stop,
+                                desc=desc, should_stop=lambda: self._stop,
                                 gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
 
     def collect(self) -> dict:
@@ -383,8 +380,7 @@ class Trainer:
             for step in progress:
                 self.step = step
                 snapshot = (self.controller.state_dict(), self.episode_rng.bit_generator.state,
-                            self.action_generator.get_state(), self.shuffle_generator.get_state(),
-                            ckpt.rng_states())
+                            self.shuffle_generator.get_state(), ckpt.rng_states())
                 try:
                     row = self._distributed_step() if self.dist.enabled else self.train_step()
                 except StopRequested:
@@ -412,10 +408,9 @@ class Trainer:
                 self.metrics.close()
 
     def _restore(self, snapshot) -> None:
-        controller, episode_rng, action_gen, shuffle_gen, rng = snapshot
+        controller, episode_rng, shuffle_gen, rng = snapshot
         self.controller.load_state_dict(controller)
         self.episode_rng.bit_generator.state = episode_rng
-        self.action_generator.set_state(action_gen)
         self.shuffle_generator.set_state(shuffle_gen)
         ckpt.set_rng_states(rng)
 
