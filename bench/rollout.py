@@ -70,16 +70,15 @@ class RecordingPool:
 
 def episodes_for(suite_cfg, count: int, seed: int):
     """``count`` training episodes drawn as the trainer draws a step's prompts (G rollouts per prompt)."""
-    from pcm_train.training.rollout import Episode
     from pcm_train.envs.families import list_tasks
+    from pcm_train.training.rollout import Episode
+    from pcm_train.training.trainer import draw_prompts
 
     group = suite_cfg.rollout.group_size
     if count % group:
         raise ValueError(f"--episodes must be a multiple of the group size {group}, got {count}")
-    rng = np.random.default_rng(seed)
     tasks = [t.task_id for t in list_tasks(suite_cfg.env.suite)]
-    prompts = [(int(rng.choice(tasks)), int(rng.integers(0, 50 - suite_cfg.env.val_init_states)))
-               for _ in range(count // group)]
+    prompts = draw_prompts(np.random.default_rng(seed), tasks, count // group, suite_cfg.env.val_init_states)
     return [Episode(task, state, f"prompt{i}") for i, (task, state) in enumerate(prompts) for _ in range(group)]
 
 

@@ -14,10 +14,11 @@ checkpoint (its saved config, then your overrides). Ctrl-C saves and exits.
 presets in ``pcm_train/configs/`` and every run's ``config.yaml`` are such files), then the
 overrides on top, as in verl.
 
-Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Rank 0 runs the
-rollouts (Ray env workers) and the controller and broadcasts the kept chunks;
-each rank trains its share of the trajectories and the gradients are summed,
-so K GPUs make the same update as one (``pcm_train.runtime.distributed``). Run
+Several GPUs: ``torchrun --nproc_per_node=K -m pcm_train.run ...``. Every rank rolls
+out its share of a step's episodes with its own Ray env workers; rank 0 gathers them,
+runs the controller once and broadcasts the kept chunks; each rank trains its share of
+the trajectories and the gradients are summed, so K GPUs train as one
+(``pcm_train.runtime.distributed``). Run
 directories must be on a filesystem every rank can read.
 Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
 ``checkpoints/``, ``report/`` (plots and summary.md).

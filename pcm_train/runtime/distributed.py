@@ -108,6 +108,16 @@ def tensors_to(obj, device: torch.device):
     return obj
 
 
+def gather_object(obj, info: DistInfo, dst: int = 0) -> list | None:
+    """Every rank's ``obj`` in rank order on rank ``dst`` (pickled, on the CPU), None on the others;
+    ``[obj]`` in a single process."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size if info.rank == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def broadcast_object(obj, info: DistInfo, src: int = 0):
     """``obj`` from rank ``src`` on every rank (tensors travel through pickling, on the CPU)."""
     if not info.enabled:

@@ -20,7 +20,7 @@ from pcm_train.algorithm.actor import make_optimizer, update_actor
 from pcm_train.config import PCMTrainConfig, config_to_dict, save_config
 from pcm_train.algorithm.controller import PCMController
 from pcm_train.runtime.distributed import (DistInfo, any_rank, broadcast_batch, broadcast_object, gather_batch,
-                                           rank_share)
+                                           gather_object, rank_share)
 from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.runtime.files import write_atomically
@@ -29,6 +29,14 @@ from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, col
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 
 NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
+
+
+def draw_prompts(rng: np.random.Generator, tasks: list[int], count: int, val_init_states: int) -> list[tuple[int, int]]:
+    """``count`` (task, initial state) training prompts: tasks uniformly from ``tasks``, states from the
+    first ``NUM_INIT_STATES - val_init_states`` (the rest are held out for validation)."""
+    chosen = rng.choice(tasks, size=count)
+    states = rng.integers(0, NUM_INIT_STATES - val_init_states, size=count)
+    return [(int(t), int(s)) for t, s in zip(chosen, states)]
 
 
 def make_env_pool(cfg: PCMTrainConfig, image_size: int):
@@ -234,11 +242,8 @@ class Trainer:
         """prompts_per_step (task, initial state) pairs from the training states, G rollouts each; episode i
         of the step draws its actions from its own stream, ``episode_seed(trainer.seed, step, i)``."""
         r = self.cfg.rollout
-        num_train_states = NUM_INIT_STATES - self.cfg.env.val_init_states
-        tasks = self.episode_rng.choice(self.tasks, size=r.prompts_per_step)
-        states = self.episode_rng.integers(0, num_train_states, size=r.prompts_per_step)
-        prompts = [(int(t), int(s), f"step{self.step}-prompt{i}") for i, (t, s) in enumerate(zip(tasks, states))
-                   for _ in range(r.group_size)]
+        drawn = draw_prompts(self.episode_rng, self.tasks, r.prompts_per_step, self.cfg.env.val_init_states)
+        prompts = [(t, s, f"step{self.step}-prompt{i}") for i, (t, s) in enumerate(drawn) for _ in range(r.group_size)]
         return [Episode(*prompt, seed=episode_seed(self.cfg.trainer.seed, self.step, index))
                 for index, prompt in enumerate(prompts)]
 
@@ -268,23 +273,32 @@ class Trainer:
                                 desc=desc, should_stop=lambda: self._stop,
                                 gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
 
-    def collect(self) -> dict:
-        """One process: rollouts, GRPO advantages, PCM selection. Returns what the update needs."""
+    def collect(self) -> dict | None:
+        """Rollouts, GRPO advantages, PCM selection. Every rank rolls out its share of the step's episodes
+        (all of them in a single process); rank 0 gathers the batch, computes advantages and the selection
+        once and returns what the update needs (None on the other ranks). A stop on any rank stops all."""
         started = time.perf_counter()
-        rollout_stats = RolloutStats()
-        batch = self._rollout(self.train_episodes(), greedy=False, desc=f"step {self.step} rollout",
-                              stats=rollout_stats)
-        return self.select(batch, rollout_stats, started)
-
-    def select(self, batch, rollout_stats: RolloutStats, started: float) -> dict:
-        """GRPO advantages and the PCM selection of a whole rollout batch, once (rank 0); the step's row."""
+        episodes = self.train_episodes()  # the same list on every rank (same episode_rng)
+        share = [episodes[i] for i in rank_share(len(episodes), self.dist)]
+        desc = f"step {self.step} rollout" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
+        rollout_stats, partial = RolloutStats(), None
+        try:
+            partial = self._rollout(share, greedy=False, desc=desc, stats=rollout_stats)
+        except StopRequested:
+            pass
+        if any_rank(partial is None, self.dist):
+            raise StopRequested
+        batch = gather_batch(partial, self.dist, self.device)
+        every_stats = gather_object(rollout_stats, self.dist)
+        if not self.dist.is_main:
+            return None
         cfg = self.cfg
+        rollout_stats = RolloutStats.combine(every_stats)
         rollout_time = time.perf_counter() - started
         L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
         advantages = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
         batch.batch["advantages"] = advantages
-        batch = batch.to(self.device)
         select_started = time.perf_counter()
         kept, selection = pcm_shrink_batch(batch, self.controller,
                                            action_token_start=self.policy.config.action_token_start,
@@ -346,22 +360,9 @@ class Trainer:
         tqdm.write("stopping after a safe point (Ctrl-C again to abort without saving)")
 
     def _distributed_step(self) -> dict:
-        """Every rank rolls out its share of the step's episodes; rank 0 gathers them, selects and
-        broadcasts the kept chunks; every rank learns; rank 0 validates. A stop on any rank stops all."""
-        started = time.perf_counter()
-        episodes = self.train_episodes()  # the same list on every rank (same episode_rng)
-        stats, partial = RolloutStats(), None
-        try:
-            partial = self._rollout([episodes[i] for i in rank_share(len(episodes), self.dist)], greedy=False,
-                                    desc=f"step {self.step} rollout (rank {self.dist.rank})", stats=stats)
-        except StopRequested:
-            pass
-        if any_rank(partial is None, self.dist):
-            raise StopRequested
-        batch = gather_batch(partial, self.dist, self.device)
-        every_stats = [None] * self.dist.world_size if self.dist.is_main else None
-        torch.distributed.gather_object(stats, every_stats, dst=0)
-        payload = self.select(batch, RolloutStats.combine(every_stats), started) if self.dist.is_main else None
+        """Every rank rolls out its share; rank 0 selects and broadcasts the kept chunks; every rank learns;
+        rank 0 validates."""
+        payload = self.collect()
         header = broadcast_object(None if payload is None else {k: v for k, v in payload.items() if k != "kept"},
                                   self.dist)
         payload = {**header, "kept": broadcast_batch(payload["kept"] if payload else None, self.dist, self.device)}
