@@ -48,6 +48,17 @@ def test_random_torch_matches_loop(dtype, gen):
     assert torch.equal(pk.label_phases(gripper, steps), naive.label_phases(gripper, steps, **RULES))
 
 
+@pytest.mark.parametrize("window", [0, 1, 2, 5, 19, 20, 500])
+def test_random_torch_matches_loop_for_every_window(window, gen):
+    """The torch path reads its windows at fixed offsets: every width up to (and past) C agrees with the loop."""
+    N, C, L = 16, 20, 4
+    gripper = random_gripper(N, C, L, generator=gen, p_switch=0.4)
+    steps = torch.randint(0, C * L + 1, (N,), generator=gen)
+    steps[0] = C * L
+    rules = dict(RULES, window=window)
+    assert torch.equal(pk.label_phases(gripper, steps, **rules), naive.label_phases(gripper, steps, **rules))
+
+
 # low <= grip <= sustain is required (as the trainer config); grip == sustain is the boundary
 @pytest.mark.parametrize("rules", [RULES, dict(close_above=0.3, sustain=0.6, grip=0.6, low=0.2, window=1),
                                    dict(close_above=-0.5, sustain=0.9, grip=0.3, low=0.0, window=0)])

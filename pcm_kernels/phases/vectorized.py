@@ -1,9 +1,12 @@
 """Vectorized torch path for phase labels and scores; the reference the kernels are tested against."""
+import functools
+
 import torch
 
 PAD, APPROACH, PRE_GRASP, ACTIVE_GRIP, RELEASE_RAMP, TAIL = -1, 0, 1, 2, 3, 4
 
 
+@functools.lru_cache(maxsize=64)
 def float32_threshold(close_above: float) -> float:
     """The largest float32 ``t <= close_above``: for any fp32/bf16/fp16 value ``x``, ``x > close_above``
     (exact, as the loop reference compares) equals the float32 comparison ``x > t``."""
@@ -17,45 +20,36 @@ def grip_fraction(gripper: torch.Tensor, num_steps: torch.Tensor, close_above: f
     """(gf float32 [N, C], chunk_valid bool [N, C]) from gripper [N, C, L] and num_steps int [N].
 
     The command is compared in float32 against ``float32_threshold(close_above)`` whatever its
-    dtype, so bf16/fp16/fp32 signals and both backends label alike."""
+    dtype, so bf16/fp16/fp32 signals and both backends label alike. Chunk k executed
+    ``clamp(num_steps - k L, 0, L)`` steps: its first ones count, the rest are ignored."""
     N, C, L = gripper.shape
-    step = torch.arange(C * L, device=gripper.device).view(1, C, L)
-    valid = step < num_steps.view(N, 1, 1)
-    closed = ((gripper.to(torch.float32) > float32_threshold(close_above)) & valid).sum(-1, dtype=torch.int32)
-    count = valid.sum(-1, dtype=torch.int32)
-    gf = closed.to(torch.float32) / count.clamp(min=1).to(torch.float32)
+    count = (num_steps.view(N, 1) - torch.arange(C, device=gripper.device) * L).clamp_(0, L)
+    executed = torch.arange(L, device=gripper.device) < count.unsqueeze(-1)
+    closed = executed.logical_and_(gripper.to(torch.float32) > float32_threshold(close_above))
+    gf = closed.sum(-1, dtype=torch.int32).to(torch.float32).div_(count.clamp(min=1))
     return gf, count > 0
 
 
-def _count_in_window(marks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Per row and chunk k, how many marked chunks j satisfy lo[k] <= j < hi[k] (bounds clamped)."""
-    N, C = marks.shape
-    prefix = torch.zeros(N, C + 1, dtype=torch.int32, device=marks.device)
-    prefix[:, 1:] = marks.to(torch.int32).cumsum(1)
-    lo = lo.clamp(0, C).expand(N, C)
-    hi = hi.clamp(0, C).expand(N, C)
-    return (prefix.gather(1, hi) - prefix.gather(1, lo)).clamp(min=0)
-
-
 def labels_from_fraction(gf, chunk_valid, sustain: float, grip: float, low: float, window: int) -> torch.Tensor:
-    """int8 [N, C] labels from per-chunk grip fractions (PCM.md §2 priority rule)."""
+    """int8 [N, C] labels from per-chunk grip fractions (PCM.md §2 priority rule), ``window <= C``.
+
+    Window tests are differences of running counts of grasp starts and ends, read at fixed offsets
+    (slices, no gathers): pre-grasp = a start in ``(k, k + window]``, release = an end in
+    ``[k - window, k)``, approach = a start after k, or no grasp in the row."""
     N, C = gf.shape
     in_grasp = chunk_valid & (gf >= sustain)
-    before = torch.nn.functional.pad(in_grasp[:, :-1], (1, 0), value=False)
-    after = torch.nn.functional.pad(in_grasp[:, 1:], (0, 1), value=False)
-    starts = in_grasp & ~before
-    ends = in_grasp & ~after
-    k = torch.arange(C, device=gf.device).view(1, C)
-    pre = _count_in_window(starts, k + 1, k + 1 + window) > 0
-    release = _count_in_window(ends, k - window, k) > 0
-    later_start = _count_in_window(starts, k + 1, torch.full_like(k, C)) > 0
-    never_grasps = ~in_grasp.any(1, keepdim=True)
+    padded = torch.nn.functional.pad(in_grasp.to(torch.int8), (1, 1))  # [N, C + 2], not grasping outside
+    step = padded[:, 1:] - padded[:, :-1]  # [N, C + 1]: +1 where a grasp starts, -1 after it ends
+    starts = (step[:, :C] == 1).cumsum(1, dtype=torch.int32)  # starts at chunks <= k
+    ends = torch.nn.functional.pad((step[:, 1:] == -1).cumsum(1, dtype=torch.int32), (window + 1, 0))  # [N, C + w + 1]
+    ahead = torch.cat([starts[:, window:], starts[:, -1:].expand(N, min(window, C))], 1)  # starts <= min(k + w, C - 1)
+    total = starts[:, -1:]
     label = torch.full((N, C), TAIL, dtype=torch.int8, device=gf.device)
-    label = torch.where(later_start | never_grasps, APPROACH, label)
-    label = torch.where(release, RELEASE_RAMP, label)
-    label = torch.where(pre & (gf >= low), PRE_GRASP, label)
-    label = torch.where(gf >= grip, ACTIVE_GRIP, label)
-    return torch.where(chunk_valid, label, PAD).to(torch.int8)
+    label.masked_fill_((total != starts) | (total == 0), APPROACH)
+    label.masked_fill_(ends[:, window:window + C] != ends[:, :C], RELEASE_RAMP)
+    label.masked_fill_((ahead != starts) & (gf >= low), PRE_GRASP)
+    label.masked_fill_(gf >= grip, ACTIVE_GRIP)
+    return label.masked_fill_(~chunk_valid, PAD)
 
 
 def label_phases(gripper, num_steps, close_above, sustain, grip, low, window) -> torch.Tensor:

@@ -31,12 +31,15 @@ def _check_budget(budget, C: int) -> int:
 
 
 def _weights_check(name: str, weights: torch.Tensor) -> ValueCheck:
-    bad = ~(torch.isfinite(weights) & (weights >= 0))
+    """Value check: every weight finite and >= 0, from one min/max reduction (NaN propagates into both)."""
+    if weights.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=weights.device), str
+    low, high = torch.aminmax(weights)
 
     def message() -> str:
-        where = first_position(bad)
+        where = first_position(~(torch.isfinite(weights) & (weights >= 0)))
         return f"{name} must be finite and >= 0, found {weights[where].item()} at {list(where)}"
-    return bad.any(), message
+    return ~((low >= 0) & (high < torch.inf)), message
 
 
 def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch.Tensor] = None, *,
@@ -96,8 +99,6 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
         check_shape("num_chunks", num_chunks, (N,), "[N] (weights is [N, C])")
         check_same_device(weights=weights, num_chunks=num_chunks)
         num_chunks = num_chunks.to(torch.int64)
-    else:
-        num_chunks = torch.full((N,), C, dtype=torch.int64, device=weights.device)
     if validate:
         checks = [_weights_check("weights", weights)]
         if given_chunks:
@@ -106,10 +107,14 @@ def sample_chunks(weights: torch.Tensor, budget: int, num_chunks: Optional[torch
     if resolve_backend(weights.device) == "triton" and C > 0:
         from .kernels import launch_sample_chunks
 
+        if not given_chunks:
+            num_chunks = torch.full((N,), C, dtype=torch.int64, device=weights.device)
         out = torch.empty(N, budget, dtype=torch.int64, device=weights.device)
         ht = torch.empty(N, budget, dtype=torch.float32, device=weights.device) if return_weights else None
         return launch_sample_chunks(weights, num_chunks, draw_seed(generator, weights.device), out, ht)
-    eligible = (torch.arange(C, device=weights.device) < num_chunks.view(N, 1)) & (weights > 0)
+    eligible = weights > 0
+    if given_chunks:
+        eligible &= torch.arange(C, device=weights.device) < num_chunks.view(N, 1)
     uniforms = torch.rand(N, C, generator=generator, device=weights.device)
     if return_weights:
         return vectorized.sample_with_weights(weights, eligible, budget, uniforms)

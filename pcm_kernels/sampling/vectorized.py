@@ -1,44 +1,55 @@
-"""Vectorized torch path for budgeted sampling (exponential race = Gumbel-top-k)."""
+"""Vectorized torch path for budgeted sampling (exponential race = Gumbel-top-k).
+
+Written for the CPU, where every torch call costs a few microseconds at the trainer's shapes
+(80 x 64): each step below is one call, and nothing is computed that the result does not need.
+"""
 import torch
 
 MAX_KEY = 3.0e38
 MIN_RACE_WEIGHT = torch.finfo(torch.float32).tiny  # 2**-126, float32's smallest normal number
+# the smallest positive (subnormal) number of each dtype the ratio is computed in
+_SMALLEST_POSITIVE = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 
 
 def race_weights(weights: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """float32 [N, C] weights the race uses: each row's weights over its largest eligible one.
 
-    The ratio is computed in float64 (every float dtype converts to it exactly) and rounded once to
-    float32, so any positive finite scale races alike; an eligible weight whose ratio is below
-    ``MIN_RACE_WEIGHT`` (e.g. 1e-300 beside 1e300 in one float64 row) races as ``MIN_RACE_WEIGHT``:
-    it stays eligible. 0.0 where not eligible. ``weights``: float [N, C]; ``eligible``: bool [N, C].
+    The ratio is the float64 quotient rounded once to float32, so any positive finite scale races
+    alike; an eligible weight whose ratio is below ``MIN_RACE_WEIGHT`` (e.g. 1e-300 beside 1e300
+    in one float64 row) races as ``MIN_RACE_WEIGHT``: it stays eligible. 0.0 where not eligible.
+    Float32 and narrower weights divide in float32: IEEE division of float32 operands rounds to the
+    same value as the float64 quotient rounded to float32 (double rounding is innocuous for
+    division when 53 >= 2 * 24 + 2). ``weights``: float [N, C]; ``eligible``: bool [N, C].
     """
-    wide = torch.where(eligible, weights.to(torch.float64), 0.0)
-    if wide.shape[1] == 0:
-        return wide.to(torch.float32)
-    top = wide.amax(1, keepdim=True)
-    ratio = (wide / torch.where(top > 0, top, 1.0)).to(torch.float32)
-    return torch.where(eligible, ratio.clamp(min=MIN_RACE_WEIGHT), 0.0)
+    wide = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    masked = torch.where(eligible, weights.to(wide), 0.0)
+    if masked.shape[1] == 0:
+        return masked.to(torch.float32)
+    # a row with no eligible weight divides 0 by the smallest positive float: 0, masked anyway
+    top = masked.amax(1, keepdim=True).clamp_(min=_SMALLEST_POSITIVE[wide])
+    ratio = masked.div_(top).to(torch.float32).clamp_(min=MIN_RACE_WEIGHT)
+    return torch.where(eligible, ratio, 0.0)
 
 
 def race_keys(weights: torch.Tensor, eligible: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """float32 [N, C] keys ``-log(1 - u) / w`` (finite) of the race weights ``w``, ``inf`` where not eligible."""
-    keys = torch.clamp(-torch.log(1.0 - uniforms) / weights.to(torch.float32), max=MAX_KEY)
+    keys = torch.log(1.0 - uniforms).div_(weights.to(torch.float32)).neg_().clamp_(max=MAX_KEY)
     return torch.where(eligible, keys, torch.inf)
 
 
 def smallest_keys(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> torch.Tensor:
-    """int64 [N, budget]: ascending ids of the ``budget`` smallest eligible keys per row, -1 padded."""
+    """int64 [N, budget]: ascending ids of the ``budget`` smallest eligible keys per row, -1 padded.
+
+    ``keys`` must be ``inf`` exactly where not eligible (as ``race_keys`` makes them)."""
     N, C = keys.shape
-    chosen = torch.zeros_like(eligible)
-    if C:
-        chosen.scatter_(1, torch.topk(keys, min(budget, C), dim=1, largest=False, sorted=False).indices, True)
-    chosen &= eligible
-    slot = torch.where(chosen, chosen.cumsum(1) - 1, budget)  # column `budget` collects the unchosen
-    out = torch.full((N, budget + 1), -1, dtype=torch.int64, device=keys.device)
-    out.scatter_(1, slot, torch.arange(C, device=keys.device).expand(N, C))
-    out[:, budget] = -1
-    return out[:, :budget]
+    if budget > C:
+        out = torch.full((N, budget), -1, dtype=torch.int64, device=keys.device)
+        out[:, :C] = smallest_keys(keys, eligible, C)
+        return out
+    smallest = torch.topk(keys, budget, dim=1, largest=False, sorted=False)
+    # a row with fewer than `budget` eligible chunks picks some inf keys: they sort last as C, then read -1
+    index = smallest.indices.masked_fill_(smallest.values == torch.inf, C).sort(dim=1).values
+    return index.masked_fill_(index == C, -1)
 
 
 def threshold(keys: torch.Tensor, budget: int) -> torch.Tensor:
