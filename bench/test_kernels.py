@@ -88,6 +88,8 @@ def test_sample_multinomial_loop_baseline(benchmark):
 
 @pytest.mark.benchmark(group="sample_chunks 80x64 B=12 (CPU)")
 def test_sample_exponential_race_batched(benchmark):
+    """The simplest batched torch code for the same law (no checks, no -1 padding, no 1/q): a baseline too."""
+    benchmark.extra_info["role"] = "baseline"
     benchmark(_exponential_race, _weights("cpu"), B, torch.Generator().manual_seed(0))
 
 
@@ -95,6 +97,12 @@ def test_sample_exponential_race_batched(benchmark):
 def test_sample_torch(benchmark, monkeypatch):
     monkeypatch.setenv("PCM_KERNELS_BACKEND", "torch")
     benchmark(pk.sample_chunks, _weights("cpu"), B, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.benchmark(group="sample_chunks 80x64 B=12 (CPU)")
+def test_sample_torch_with_weights(benchmark, monkeypatch):
+    monkeypatch.setenv("PCM_KERNELS_BACKEND", "torch")
+    benchmark(pk.sample_chunks, _weights("cpu"), B, generator=torch.Generator().manual_seed(0), return_weights=True)
 
 
 def _unpad_input(x, index, seqlens):

@@ -4,7 +4,10 @@ The small VLA on the CPU (8 trajectories x 64 chunks, LoRA r = 8); on a GPU the
 same policy, larger (hidden 512, 4 layers) so the GPU has work to do. Each
 benchmark restores the starting weights, so every round is the same update.
 Activation memory (bytes saved for backward, largest micro-batch) is recorded
-in ``extra_info`` and the ratios are printed at the end of the run.
+in ``extra_info`` and the ratios are printed at the end of the run, with the token
+ratio (chunks forwarded by the baseline / by the candidate), their ideal. Every mode
+runs one trajectory per micro-batch here; ``python -m pcm_train.compare_update``
+times each mode at its own fastest micro-batch.
 """
 import copy
 
@@ -17,7 +20,7 @@ from pcm_train.tools.synthetic import synthetic_rollout_batch
 from conftest import CUDA
 
 ARGS = ["--budget", "12"] + (["--hidden", "512", "--layers", "4", "--device", "cuda"] if CUDA else [])
-GROUP = f"actor update 8x64 chunks, B=12 ({'GPU' if CUDA else 'CPU'})"
+GROUP = f"actor update 8x64 chunks, B=12, 1 trajectory per micro-batch ({'GPU' if CUDA else 'CPU'})"
 ACTIVATIONS = {}
 
 

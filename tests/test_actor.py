@@ -355,6 +355,30 @@ def test_compare_update_json(capsys):
     assert 0 < report["select_share_of_pcm_update"] < 1
     assert report["modes"]["pcm"]["chunks"] <= 2 * 4 < report["modes"]["full"]["chunks"]
     assert 0 < report["activation_memory_reduction"] < 1
+    # two trajectories per optimizer step: each mode ran at its fastest of 1 and 2 trajectories per micro-batch
+    assert report["micro_batch"].startswith("searched")
+    for mode in compare_update.MODES:
+        r = report["modes"][mode]
+        search = {int(m): t for m, t in r["micro_batch_search_s"].items()}
+        assert set(search) == {1, 2} and r["micro_batch_trajectories"] == min(search, key=search.get)
+    assert report["token_ratio"] == report["modes"]["full"]["chunks"] / report["modes"]["pcm"]["chunks"] > 1
+
+
+def test_compare_update_given_micro_batch_is_used_by_every_mode(capsys):
+    code = compare_update.main(["--num-prompts", "1", "--group-size", "2", "--chunks", "8", "--hidden", "16",
+                                "--layers", "1", "--image-size", "16", "--repeats", "1", "--budget", "2",
+                                "--micro-batch", "2", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["micro_batch"] == "given: every mode at 2 trajectories per micro-batch"
+    assert {r["micro_batch_trajectories"] for r in report["modes"].values()} == {2}
+    assert all("micro_batch_search_s" not in r for r in report["modes"].values())
+
+
+def test_micro_batch_candidates():
+    assert compare_update.micro_batch_candidates(1) == [1]
+    assert compare_update.micro_batch_candidates(8) == [1, 2, 4, 8]
+    assert compare_update.micro_batch_candidates(12) == [1, 2, 4, 8, 12]
 
 
 def test_gradient_checkpointing_saves_activations_same_gradients(policy, batch):

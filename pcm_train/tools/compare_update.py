@@ -20,7 +20,16 @@ above ``--max-memory-gb`` (default: the CUDA card's total memory; no limit on th
 estimate and its parts. ``--real-size`` turns gradient checkpointing on and uses one trajectory per
 micro-batch if that fits, else chunk micro-batches (``--micro-batch-chunks``: at most K chunks of one
 trajectory per forward/backward, the same gradients), and says what it chose (stderr, and ``plan`` in
-the JSON). Without checkpointing the 7B shapes keep ~284 KiB per token per layer: one 64-chunk
+the JSON).
+
+Micro-batches: without ``--micro-batch``/``--micro-batch-chunks`` every mode runs at its own fastest
+micro-batch: one update at each candidate (1, 2, 4, ... trajectories up to the optimizer step's, those
+whose memory estimate fits), the fastest is kept for the timed repeats. Padding makes large
+micro-batches slow for ``full`` and cheap for ``pcm`` (whose kept rows are all alike in length), so one
+fixed micro-batch for both would move the ratio. The output names each mode's micro-batch and the
+token ratio (tokens forwarded by ``full`` / by ``pcm``; every chunk row forwards the same prompt,
+image and action tokens, so it is the ratio of chunks), the ideal the time ratio approaches when the
+update is compute-bound. Without checkpointing the 7B shapes keep ~284 KiB per token per layer: one 64-chunk
 trajectory (21,568 tokens x 32 layers) would need ~187 GiB.
 """
 from __future__ import annotations
@@ -31,7 +40,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -61,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="policy dtype (default: float32 on the CPU, bfloat16 on CUDA)")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank, 0 = train every weight (default 8)")
     ap.add_argument("--micro-batch", type=int, default=None,
-                    help="trajectories per forward/backward (default 1)")
+                    help="trajectories per forward/backward, the same for every mode (default: each mode's fastest "
+                         "among those whose memory estimate fits)")
     ap.add_argument("--micro-batch-chunks", type=int, default=None,
                     help="at most K chunks of one trajectory per forward/backward (micro-batches smaller than a "
                          "trajectory; same gradients). Default: off, or what --real-size needs to fit")
@@ -82,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.ppo_mini_batch = args.ppo_mini_batch or args.num_prompts
     args.micro_batch_given = args.micro_batch is not None or args.micro_batch_chunks is not None
-    args.micro_batch = args.micro_batch or 1
+    args.micro_batch = args.micro_batch or 1  # the memory plan's first candidate when not given
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = bool(args.real_size)
     for name in ("budget", "num_prompts", "group_size", "chunks", "hidden", "layers", "repeats", "micro_batch",
@@ -412,15 +422,30 @@ def memory_plan(args, *, probe: ActivationProfile | None = None) -> dict:
         else:
             notes.append("no micro-batch fits, not even one chunk: the weights, optimizer state and batch alone "
                          f"are estimated at {(est.weights + est.trainable_state + est.batch) / GIB:.1f} GiB")
-    unit = "trajectory" if args.micro_batch == 1 else "trajectories"
-    micro = (f"micro-batches of at most {args.micro_batch_chunks} chunks of one trajectory"
-             if args.micro_batch_chunks else f"{args.micro_batch} {unit} per micro-batch")
+    candidates = [args.micro_batch]
+    if fits and not args.micro_batch_given and not args.micro_batch_chunks:
+        candidates = [m for m in micro_batch_candidates(args.ppo_mini_batch * args.group_size)
+                      if limit is None or estimate(m * args.chunks).total() <= limit]
+        est = estimate(candidates[-1] * args.chunks)
+    if args.micro_batch_chunks:
+        micro = f"micro-batches of at most {args.micro_batch_chunks} chunks of one trajectory"
+    elif len(candidates) > 1:
+        micro = f"each mode's fastest micro-batch of {candidates} trajectories (memory estimated at the largest)"
+    else:
+        micro = f"{args.micro_batch} {'trajectory' if args.micro_batch == 1 else 'trajectories'} per micro-batch"
     settings = (f"{args.policy}{' real-size' if args.real_size else ''} {args.dtype} on {args.device}, LoRA r="
                 f"{args.lora_r}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {micro}, "
                 f"{tokens_per_chunk} tokens per chunk, {trajectories} trajectories x {args.chunks} chunks, "
                 f"{args.repeats} timed repeat(s)")
     return {"fits": fits, "limit_bytes": limit, "estimate": est, "settings": settings, "notes": notes,
-            "tokens_per_chunk": tokens_per_chunk, "required_bytes": max(est.total(), init_peak)}
+            "tokens_per_chunk": tokens_per_chunk, "required_bytes": max(est.total(), init_peak),
+            "micro_batch_candidates": candidates}
+
+
+def micro_batch_candidates(trajectories_per_step: int) -> list[int]:
+    """Trajectories per micro-batch to try: 1, 2, 4, ... and the optimizer step's trajectories."""
+    sizes = [1 << i for i in range(trajectories_per_step.bit_length()) if 1 << i < trajectories_per_step]
+    return sizes + [trajectories_per_step]
 
 
 def describe_plan(plan: dict) -> str:
@@ -520,9 +545,10 @@ def update_in_chunk_micro_batches(policy, optimizer, kept, cfg, chunks_per_micro
                        optimizer_steps=steps)
 
 
-def _one_update(policy, kept, cfg, args):
+def _one_update(policy, kept, cfg, args, micro_batch: int):
     from pcm_train.algorithm.actor import make_optimizer, update_actor
 
+    cfg = replace(cfg, actor=replace(cfg.actor, micro_batch_trajectories=micro_batch))
     optimizer = make_optimizer(policy, cfg.actor)
     generator = torch.Generator().manual_seed(args.seed)
     mini = args.ppo_mini_batch * args.group_size
@@ -545,18 +571,29 @@ def run(args, plan: dict | None = None) -> dict:
     # only the trainable weights change: keep their start values (a full copy would double a 7B model)
     initial = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
     params = dict(policy.named_parameters())
+    candidates = (plan or {}).get("micro_batch_candidates") or [args.micro_batch]
+    searched = len(candidates) > 1
     results = {}
-    progress = tqdm(total=len(MODES) * (args.repeats + 1), desc="updates", disable=args.json, file=sys.stderr)
+    progress = tqdm(total=len(MODES) * (args.repeats + 1 + (len(candidates) if searched else 0)), desc="updates",
+                    disable=args.json, file=sys.stderr)
+
+    def update(mode: str, micro_batch: int):
+        with torch.no_grad():
+            for name, value in initial.items():
+                params[name].copy_(value)
+        stats = _one_update(policy, kept[mode], cfg, args, micro_batch)
+        progress.update()
+        return stats
+
     for mode in MODES:
-        runs = []
-        for _ in range(args.repeats + 1):
-            with torch.no_grad():
-                for name, value in initial.items():
-                    params[name].copy_(value)
-            runs.append(_one_update(policy, kept[mode], cfg, args))
-            progress.update()
-        timed = runs[1:]
+        update(mode, candidates[0])  # warm-up, not timed
+        search = {m: update(mode, m).update_time_s for m in candidates} if searched else {}
+        chosen = min(search, key=search.get) if searched else candidates[0]
+        timed = [update(mode, chosen) for _ in range(args.repeats)]
         results[mode] = {
+            "micro_batch_trajectories": None if args.micro_batch_chunks else chosen,
+            "micro_batch_chunks": args.micro_batch_chunks,
+            **({"micro_batch_search_s": search} if searched else {}),
             "update_time_s": statistics.median(s.update_time_s for s in timed),
             "forward_time_s": statistics.median(s.forward_time_s for s in timed),
             "backward_time_s": statistics.median(s.backward_time_s for s in timed),
@@ -565,6 +602,13 @@ def run(args, plan: dict | None = None) -> dict:
             "chunks": timed[0].chunks, "tokens": timed[0].tokens, "optimizer_steps": timed[0].optimizer_steps,
         }
     progress.close()
+    if args.micro_batch_chunks:
+        micro_batch = f"given: every mode at micro-batches of at most {args.micro_batch_chunks} chunks of one trajectory"
+    elif searched:
+        micro_batch = (f"searched: each mode at its fastest of {candidates} trajectories per micro-batch "
+                       "(one timed update each)")
+    else:
+        micro_batch = f"given: every mode at {candidates[0]} trajectories per micro-batch"
     full, pcm, padded = results["full"], results["pcm"], results["simplevla_rl"]
     report = {
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
@@ -575,15 +619,16 @@ def run(args, plan: dict | None = None) -> dict:
                    "dtype": args.dtype, "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
                    **({"hidden": args.hidden, "layers": args.layers, "image_size": args.image_size}
                       if args.policy == "small_vla" else {})},
-        "micro_batch_trajectories": args.micro_batch, "micro_batch_chunks": args.micro_batch_chunks,
-        "ppo_mini_batch": args.ppo_mini_batch, "repeats": args.repeats,
+        "micro_batch": micro_batch, "ppo_mini_batch": args.ppo_mini_batch, "repeats": args.repeats,
         "modes": results,
         "select_time_s": select_time,
         "select_share_of_pcm_update": select_time / pcm["update_time_s"],
         "update_time_ratio": full["update_time_s"] / pcm["update_time_s"],
+        "token_ratio": full["chunks"] / pcm["chunks"],  # forwarded tokens: the same per chunk row
         "activation_memory_reduction": 1 - pcm["activation_bytes"] / full["activation_bytes"],
         "peak_memory_reduction": 1 - pcm["peak_memory_bytes"] / full["peak_memory_bytes"],
         "update_time_ratio_vs_simplevla_rl": padded["update_time_s"] / pcm["update_time_s"],
+        "token_ratio_vs_simplevla_rl": padded["chunks"] / pcm["chunks"],
         "activation_memory_reduction_vs_simplevla_rl": 1 - pcm["activation_bytes"] / padded["activation_bytes"],
     }
     if plan is not None:
@@ -599,16 +644,20 @@ def format_table(report: dict) -> str:
     lines = [f"device: {report['device']}; {report['trajectories']} trajectories x "
              f"{report['chunks_per_trajectory']} chunks ({report['valid_chunks_per_trajectory']:.1f} valid on "
              f"average), B = {report['budget']}",
-             f"{'mode':<14}{'update s':>10}{'fwd s':>9}{'bwd s':>9}{'act MiB':>10}{'peak MiB':>10}"
+             f"micro-batches: {report['micro_batch']}",
+             f"{'mode':<14}{'micro':>6}{'update s':>10}{'fwd s':>9}{'bwd s':>9}{'act MiB':>10}{'peak MiB':>10}"
              f"{'chunks':>8}{'tokens':>9}"]
     for mode, r in report["modes"].items():
-        lines.append(f"{mode:<14}{r['update_time_s']:>10.3f}{r['forward_time_s']:>9.3f}{r['backward_time_s']:>9.3f}"
-                     f"{r['activation_bytes'] * mib:>10.1f}{r['peak_memory_bytes'] * mib:>10.1f}"
-                     f"{r['chunks']:>8}{r['tokens']:>9}")
-    lines.append(f"full / pcm update time: {report['update_time_ratio']:.2f}x; activation memory "
-                 f"-{report['activation_memory_reduction']:.0%}; peak memory -{report['peak_memory_reduction']:.0%}")
-    lines.append(f"SimpleVLA-RL (all chunks) / pcm update time: {report['update_time_ratio_vs_simplevla_rl']:.2f}x; "
-                 f"activation memory -{report['activation_memory_reduction_vs_simplevla_rl']:.0%}")
+        micro = r["micro_batch_trajectories"] or f"{r['micro_batch_chunks']}c"
+        lines.append(f"{mode:<14}{micro:>6}{r['update_time_s']:>10.3f}{r['forward_time_s']:>9.3f}"
+                     f"{r['backward_time_s']:>9.3f}{r['activation_bytes'] * mib:>10.1f}"
+                     f"{r['peak_memory_bytes'] * mib:>10.1f}{r['chunks']:>8}{r['tokens']:>9}")
+    lines.append(f"full / pcm update time: {report['update_time_ratio']:.2f}x (token ratio "
+                 f"{report['token_ratio']:.2f}x); activation memory -{report['activation_memory_reduction']:.0%}; "
+                 f"peak memory -{report['peak_memory_reduction']:.0%}")
+    lines.append(f"SimpleVLA-RL (all chunks) / pcm update time: {report['update_time_ratio_vs_simplevla_rl']:.2f}x "
+                 f"(token ratio {report['token_ratio_vs_simplevla_rl']:.2f}x); activation memory "
+                 f"-{report['activation_memory_reduction_vs_simplevla_rl']:.0%}")
     lines.append(f"pcm selection (labels + scores + sampling + shrink): {report['select_time_s'] * 1e3:.2f} ms, "
                  f"{report['select_share_of_pcm_update']:.2%} of the pcm update")
     if report["policy"]["gradient_checkpointing"]:
