@@ -308,6 +308,46 @@ def test_stop_request_saves_last_complete_step(tmp_path):
     assert [r["step"] for r in read_metrics(trainer.run_dir / "metrics.jsonl")] == [0]
 
 
+def _outcome(rows):
+    """Metrics rows without the wall-clock timings (which differ between any two runs)."""
+    timing = ("_s", "_share", "/env_steps_per_s", "/env_busy_fraction", "peak_memory_bytes")
+    return [{k: v for k, v in row.items() if not k.endswith(timing)} for row in rows]
+
+
+def _assert_same_runs(straight, resumed):
+    """Same metrics rows but the timings, same validation episodes, same final weights."""
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        a, b = (read_metrics(t.run_dir / name) if (t.run_dir / name).exists() else [] for t in (straight, resumed))
+        assert _outcome(b) == _outcome(a), name
+    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_stop_during_validation_saves_the_step_it_validates(tmp_path):
+    """Ctrl-C during a validation (the step's update is done): the validation runs to its end and the step
+    is saved with it; a resume continues exactly like an uninterrupted run."""
+    settings = ["trainer.total_steps=3", "trainer.val_every=1", "trainer.save_every=0"]
+    straight = _trainer(tmp_path, *settings, name="straight")
+    assert straight.run()
+    straight.close()
+    first = _trainer(tmp_path, *settings, name="resumed")
+    validation_episodes = first.val_episodes
+
+    def stop_in_step_1():
+        if first.step == 1:
+            first._request_stop(None, None)
+        return validation_episodes()
+
+    first.val_episodes = stop_in_step_1
+    assert first.run() is False
+    first.close()
+    assert latest_checkpoint(first.run_dir).name == "step_000001"
+    resumed = Trainer(load_config(resolve_overrides([f"resume={first.run_dir}"])), fake_pool_factory(close_steps=6))
+    assert resumed.run()
+    resumed.close()
+    _assert_same_runs(straight, resumed)
+
+
 def test_bad_settings_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="env.task_ids"):
         _trainer(tmp_path, "env.task_ids=[0,57]")

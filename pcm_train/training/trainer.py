@@ -325,13 +325,17 @@ class Trainer:
                 **loss_metrics}
 
     def finish(self, row: dict, started: float) -> dict:
-        """Rank 0: validation when due, then the step's timing split."""
+        """Rank 0: validation when due, then the step's timing split. The update is done, so a stop does not
+        cut the validation short: the step is saved whole (a step dropped now would leave its update in the
+        weights)."""
         cfg = self.cfg
         if cfg.trainer.val_every and ((self.step + 1) % cfg.trainer.val_every == 0
                                       or self.step + 1 == cfg.trainer.total_steps):
             val_started = time.perf_counter()
             episodes = self.val_episodes()
-            val = self._rollout(episodes, greedy=True, desc=f"step {self.step} validation")
+            val = collect_rollouts(self.policy, self.pool, episodes, max_chunks=cfg.rollout.max_chunks,
+                                   temperature=cfg.actor.temperature, greedy=True,
+                                   desc=f"step {self.step} validation", gripper_signal=cfg.pcm.gripper_signal)
             row["val/success_rate"] = float(val.batch["complete"].float().mean())
             row["val_time_s"] = time.perf_counter() - val_started
             self.metrics.write_validation([
