@@ -195,6 +195,9 @@ class TrainerSection:
     num_threads: int = 0  # torch CPU threads of the trainer process; 0 = torch's default (env workers use 1)
     overwrite: bool = False  # a fresh run may replace a non-empty output_dir (else it refuses)
     allow_partial_log: bool = False  # resume although metrics.jsonl lacks steps before the checkpoint
+    # roll the next step's batch out in the background (a second copy of the policy holding the weights from
+    # before this step's update) while this step's update runs: one step off-policy; one process only
+    overlap: bool = False
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of LOGGERS (metrics.jsonl always)
     wandb_project: str = "pcm"
     wandb_mode: Optional[str] = None  # "online", "offline" (no network needed), "disabled"; None = WANDB_MODE

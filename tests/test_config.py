@@ -29,7 +29,8 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
         "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": None, "seed": 0,
-        "device": "auto", "num_threads": 0, "overwrite": False, "allow_partial_log": False, "loggers": ["tensorboard"],
+        "device": "auto", "num_threads": 0, "overwrite": False, "allow_partial_log": False, "overlap": False,
+        "loggers": ["tensorboard"],
         "wandb_project": "pcm", "wandb_mode": None,
     },
     "env": {
@@ -64,6 +65,7 @@ def test_defaults_match_paper():
         ("actor.betas=[0.9,0.95]", "actor", "betas", (0.9, 0.95)),
         ("actor.betas=(0.8, 0.9)", "actor", "betas", (0.8, 0.9)),
         (" trainer.device = cuda:1 ", "trainer", "device", "cuda:1"),
+        ("trainer.overlap=true", "trainer", "overlap", True),
     ],
 )
 def test_override_parses_by_field_type(override, section, name, value):

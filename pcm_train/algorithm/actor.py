@@ -44,8 +44,10 @@ class UpdateStats:
 
 
 def _sync(device: torch.device) -> None:
+    """Waits for the work this thread queued on ``device`` (its current stream only: a rollout in the
+    background, ``trainer.overlap``, runs on a stream of its own and is not waited for)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def make_optimizer(policy: torch.nn.Module, cfg: ActorSection) -> torch.optim.AdamW:

@@ -8,6 +8,8 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from pcm_train.runtime.distributed import (DistInfo, any_rank, broadcast_batch, 
                                            gather_object, rank_share)
 from pcm_train.algorithm.grpo import grpo_advantages, token_mask
 from pcm_train.training.metrics_log import MetricsLog
+from pcm_train.training.overlap import Background, RolloutCopy
 from pcm_train.runtime.files import write_atomically
 from pcm_train.policies.factory import build_policy, check_policy_path
 from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
@@ -73,8 +76,10 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
 
 
 def _sync(device: torch.device) -> None:
+    """Waits for the work this thread queued on ``device`` (its current stream only: a rollout in the
+    background, ``trainer.overlap``, runs on a stream of its own and is not waited for)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
@@ -86,6 +91,14 @@ def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
     if name == "cuda" and dist_info.enabled:
         return torch.device("cuda", dist_info.local_rank)
     return torch.device(name)
+
+
+@dataclass
+class _Ahead:
+    """A training batch rolled out in the background (``trainer.overlap``)."""
+
+    future: Future  # -> ((batch, RolloutStats), wall-clock seconds)
+    episode_rng: dict  # the episode RNG's state before the batch's episodes were drawn (a resume draws again)
 
 
 class Trainer:
@@ -105,6 +118,9 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device, self.dist)
         self.tasks = self._task_ids()
         self.val_episodes()  # a validation that cannot be built fails here, before anything is written
+        if cfg.trainer.overlap and self.dist.enabled:
+            raise ValueError(f"trainer.overlap=true runs in a single process, got {self.dist.world_size} ranks "
+                             "under torchrun: set trainer.overlap=false")
         if cfg.rollout.prompts_per_step * cfg.rollout.group_size < self.dist.world_size:
             raise ValueError(f"rollout.prompts_per_step x rollout.group_size ({cfg.rollout.prompts_per_step} x "
                              f"{cfg.rollout.group_size}) must be at least the {self.dist.world_size} ranks: every "
@@ -128,6 +144,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self._base_staging = None
         self.pool = None
+        self._background = None
         try:
             self.policy = self._build_policy(resume_from)
             if self.dist.enabled:  # every rank starts from rank 0's weights
@@ -139,9 +156,16 @@ class Trainer:
             self.shuffle_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)  # same on every rank
             self.step = 0
             self.wall_time_s = 0.0
+            # overlap: the rollout copy holds the weights the next batch is rolled out with, _copy_lag updates
+            # behind the live policy; _ahead is that batch once it is under way
+            self.rollout_copy = RolloutCopy(self.policy) if cfg.trainer.overlap else None
+            self._copy_lag = 0
+            self._ahead: _Ahead | None = None
             if state is not None:
                 self._load(state, resume_from)
             self.pool = pool_factory(cfg, image_size=self.policy.config.image_size)  # every rank rolls out
+            if cfg.trainer.overlap:
+                self._background = Background(self.device)
         except BaseException:
             if self.pool is not None:
                 self.pool.close()
@@ -214,11 +238,20 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         """Everything but the weights a resume needs, as tensors and plain data (``torch.load(weights_only=True)``
-        reads it back: the RNG states are tensors, dicts of ints and lists, ``random.getstate()``'s tuple)."""
-        return {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
-                "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
-                "shuffle_generator": self.shuffle_generator.get_state(), "rng": ckpt.rng_states(),
-                "config": config_to_dict(self.cfg)}
+        reads it back: the RNG states are tensors, dicts of ints and lists, ``random.getstate()``'s tuple).
+
+        With ``trainer.overlap`` also the rollout copy's own tensors (the weights from before the last update,
+        which roll out the next batch), and the episode RNG as it was before the next batch was drawn: a
+        resume rolls that batch out again, the same."""
+        state = {"step": self.step, "wall_time_s": self.wall_time_s, "optimizer": self.optimizer.state_dict(),
+                 "controller": self.controller.state_dict(), "episode_rng": self.episode_rng.bit_generator.state,
+                 "shuffle_generator": self.shuffle_generator.get_state(), "rng": ckpt.rng_states(),
+                 "config": config_to_dict(self.cfg)}
+        if self.rollout_copy is not None:
+            state["rollout_policy"] = self.rollout_copy.state_dict()
+            if self._ahead is not None:
+                state["episode_rng"] = self._ahead.episode_rng
+        return state
 
     def _load(self, state: dict, path: Path) -> None:
         try:
@@ -235,16 +268,21 @@ class Trainer:
         ckpt.set_rng_states(state["rng"])
         self.step = state["step"] + 1
         self.wall_time_s = state["wall_time_s"]
+        if self.rollout_copy is not None and "rollout_policy" in state:  # saved by an overlapped run
+            self.rollout_copy.load_state_dict(state["rollout_policy"])
+            self._copy_lag = 1
 
     # ----- episodes -----
 
-    def train_episodes(self) -> list[Episode]:
-        """prompts_per_step (task, initial state) pairs from the training states, G rollouts each; episode i
-        of the step draws its actions from its own stream, ``episode_seed(trainer.seed, step, i)``."""
+    def train_episodes(self, step: int | None = None) -> list[Episode]:
+        """prompts_per_step (task, initial state) pairs from the training states, G rollouts each, for ``step``
+        (default: the current one); episode i of the step draws its actions from its own stream,
+        ``episode_seed(trainer.seed, step, i)``."""
         r = self.cfg.rollout
+        step = self.step if step is None else step
         drawn = draw_prompts(self.episode_rng, self.tasks, r.prompts_per_step, self.cfg.env.val_init_states)
-        prompts = [(t, s, f"step{self.step}-prompt{i}") for i, (t, s) in enumerate(drawn) for _ in range(r.group_size)]
-        return [Episode(*prompt, seed=episode_seed(self.cfg.trainer.seed, self.step, index))
+        prompts = [(t, s, f"step{step}-prompt{i}") for i, (t, s) in enumerate(drawn) for _ in range(r.group_size)]
+        return [Episode(*prompt, seed=episode_seed(self.cfg.trainer.seed, step, index))
                 for index, prompt in enumerate(prompts)]
 
     def val_episodes(self) -> list[Episode]:
@@ -267,11 +305,18 @@ class Trainer:
 
     # ----- one step -----
 
-    def _rollout(self, episodes, *, greedy: bool, desc: str, stats: RolloutStats | None = None):
-        return collect_rollouts(self.policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
-                                temperature=self.cfg.actor.temperature, greedy=greedy,
-                                desc=desc, should_stop=lambda: self._stop,
-                                gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
+    def _rollout(self, policy, episodes, *, greedy: bool, desc: str, should_stop, stats: RolloutStats | None = None):
+        return collect_rollouts(policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
+                                temperature=self.cfg.actor.temperature, greedy=greedy, desc=desc,
+                                should_stop=should_stop, gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
+
+    def _roll_out(self, step: int, episodes: list[Episode], policy, should_stop):
+        """This rank's share of step ``step``'s ``episodes`` (all of them in a single process) rolled out by
+        ``policy``: (batch, RolloutStats); StopRequested once ``should_stop()``."""
+        share = [episodes[i] for i in rank_share(len(episodes), self.dist)]
+        desc = f"step {step} rollout" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
+        stats = RolloutStats()
+        return self._rollout(policy, share, greedy=False, desc=desc, should_stop=should_stop, stats=stats), stats
 
     def collect(self) -> dict | None:
         """Rollouts, GRPO advantages, PCM selection. Every rank rolls out its share of the step's episodes
@@ -279,22 +324,29 @@ class Trainer:
         once and returns what the update needs (None on the other ranks). A stop on any rank stops all."""
         started = time.perf_counter()
         episodes = self.train_episodes()  # the same list on every rank (same episode_rng)
-        share = [episodes[i] for i in rank_share(len(episodes), self.dist)]
-        desc = f"step {self.step} rollout" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
-        rollout_stats, partial = RolloutStats(), None
+        rollout = None
         try:
-            partial = self._rollout(share, greedy=False, desc=desc, stats=rollout_stats)
+            rollout = self._roll_out(self.step, episodes, self.policy, should_stop=lambda: self._stop)
         except StopRequested:
             pass
-        if any_rank(partial is None, self.dist):
+        if any_rank(rollout is None, self.dist):
             raise StopRequested
+        payload = self.select(rollout, time.perf_counter() - started)
+        return None if payload is None else {**payload, "started": started}
+
+    def select(self, rollout, rollout_time_s: float, policy_lag: int = 0) -> dict | None:
+        """Rank 0 (the others return None, after sending their share): the gathered batch's GRPO advantages
+        and PCM selection. ``rollout``: this rank's (batch, RolloutStats), rolled out in ``rollout_time_s``
+        (the gather is added) by weights ``policy_lag`` updates behind the live policy."""
+        partial, rollout_stats = rollout
+        gather_started = time.perf_counter()
         batch = gather_batch(partial, self.dist, self.device)
         every_stats = gather_object(rollout_stats, self.dist)
         if not self.dist.is_main:
             return None
         cfg = self.cfg
         rollout_stats = RolloutStats.combine(every_stats)
-        rollout_time = time.perf_counter() - started
+        rollout_time = rollout_time_s + time.perf_counter() - gather_started
         L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
         mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks, L, D)
         advantages = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
@@ -306,10 +358,10 @@ class Trainer:
         _sync(self.device)
         select_time = time.perf_counter() - select_started
         row = {"step": self.step, "success_rate": float(batch.batch["complete"].float().mean()),
-               "rollout_time_s": rollout_time, "select_time_s": select_time,
+               "rollout_time_s": rollout_time, "select_time_s": select_time, "rollout/policy_lag": policy_lag,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
                **rollout_stats.metrics(), **_advantage_stats(advantages, mask), **selection.metrics}
-        return {"kept": kept, "row": row, "started": started}
+        return {"kept": kept, "row": row}
 
     def learn(self, payload: dict) -> dict:
         """Every rank: the actor update on its share of the kept chunks; the step's metrics row."""
@@ -333,9 +385,8 @@ class Trainer:
                                       or self.step + 1 == cfg.trainer.total_steps):
             val_started = time.perf_counter()
             episodes = self.val_episodes()
-            val = collect_rollouts(self.policy, self.pool, episodes, max_chunks=cfg.rollout.max_chunks,
-                                   temperature=cfg.actor.temperature, greedy=True,
-                                   desc=f"step {self.step} validation", gripper_signal=cfg.pcm.gripper_signal)
+            val = self._rollout(self.policy, episodes, greedy=True, desc=f"step {self.step} validation",
+                                should_stop=lambda: False)
             row["val/success_rate"] = float(val.batch["complete"].float().mean())
             row["val_time_s"] = time.perf_counter() - val_started
             self.metrics.write_validation([
@@ -343,7 +394,8 @@ class Trainer:
                  "success": bool(done), "episode_steps": int(steps)}
                 for e, done, steps in zip(episodes, val.batch["complete"].tolist(), val.batch["finish_step"].tolist())])
         row["step_time_s"] = time.perf_counter() - started
-        row["rollout_share"] = row["rollout_time_s"] / row["step_time_s"]
+        # the share of the step spent waiting for rollouts: the whole rollout, or with overlap what was not hidden
+        row["rollout_share"] = row.get("overlap/wait_s", row["rollout_time_s"]) / row["step_time_s"]
         row["update_share"] = row["update_time_s"] / row["step_time_s"]
         return row
 
@@ -351,6 +403,75 @@ class Trainer:
         """One whole step in a single process."""
         payload = self.collect()
         return self.finish(self.learn(payload), payload["started"])
+
+    # ----- one step with the next step's rollout in the background (trainer.overlap) -----
+
+    def overlapped_step(self) -> dict:
+        """One step in a single process with ``trainer.overlap``: this step's batch was rolled out in the
+        background during the previous step (the first step of a process rolls it out now) by the rollout
+        copy, which holds the weights from before that step's update; the copy then takes the live weights
+        and rolls the next step's batch out while this batch is selected and trained on; validation (the
+        live weights, the same env pool) comes once that rollout is back."""
+        started = time.perf_counter()
+        exposed_s = 0.0  # seconds this step waited for rollouts
+        if self._ahead is None:
+            self._roll_ahead(self.step)
+            exposed_s += self._wait_ahead()[1]  # StopRequested: run() drops the step
+        (rollout, rollout_time_s), lag = self._ahead.future.result(), self._copy_lag
+        self._ahead = None
+        self.rollout_copy.refresh(self.policy)
+        self._copy_lag = 0
+        if self.step + 1 < self.cfg.trainer.total_steps:
+            self._roll_ahead(self.step + 1)
+        row = self.learn(self.select(rollout, rollout_time_s, policy_lag=lag))
+        self._copy_lag += 1
+        row["overlap/rollout_time_s"] = row["overlap/hidden_s"] = 0.0
+        if self._ahead is not None:
+            try:
+                wall_s, wait_s = self._wait_ahead()
+            except StopRequested:  # this step stands; the checkpoint lets a resume roll the next batch out again
+                pass
+            else:
+                exposed_s += wait_s
+                row["overlap/rollout_time_s"], row["overlap/hidden_s"] = wall_s, max(wall_s - wait_s, 0.0)
+        row["overlap/wait_s"] = exposed_s
+        return self.finish(row, started)
+
+    def _roll_ahead(self, step: int) -> None:
+        """Draws step ``step``'s episodes and starts their rollout by the rollout copy in the background."""
+        rng_state = self.episode_rng.bit_generator.state
+        episodes = self.train_episodes(step)
+        stop = self._background.abort
+
+        def job():
+            return self._roll_out(step, episodes, self.rollout_copy.policy,
+                                  should_stop=lambda: self._stop or stop.is_set())
+
+        self._ahead = _Ahead(self._background.submit(job), rng_state)
+
+    def _wait_ahead(self) -> tuple[float, float]:
+        """Waits for the background rollout: (its wall-clock, the seconds waited). A stopped one is dropped,
+        the episode RNG rewound to before its draw, and StopRequested raised."""
+        waited = time.perf_counter()
+        try:
+            _, wall_s = self._ahead.future.result()
+        except StopRequested:
+            self.episode_rng.bit_generator.state = self._ahead.episode_rng
+            self._ahead = None
+            raise
+        return wall_s, time.perf_counter() - waited
+
+    def _drop_ahead(self) -> None:
+        """Stops a background rollout still under way and waits for its thread (the env pool is free after)."""
+        if self._ahead is None:
+            return
+        self._background.abort.set()
+        try:
+            self._ahead.future.exception()
+        finally:
+            self._background.abort.clear()
+            self.episode_rng.bit_generator.state = self._ahead.episode_rng
+            self._ahead = None
 
     # ----- the loop -----
 
@@ -387,7 +508,10 @@ class Trainer:
                 snapshot = (self.controller.state_dict(), self.episode_rng.bit_generator.state,
                             self.shuffle_generator.get_state(), ckpt.rng_states())
                 try:
-                    row = self._distributed_step() if self.dist.enabled else self.train_step()
+                    if self.dist.enabled:
+                        row = self._distributed_step()
+                    else:
+                        row = self.overlapped_step() if cfg.overlap else self.train_step()
                 except StopRequested:
                     self._restore(snapshot)
                     self.step = step - 1
@@ -408,6 +532,8 @@ class Trainer:
                     return False
             return True
         finally:
+            if self._background is not None:  # a batch rolled out ahead is not kept past run(): the checkpoint
+                self._drop_ahead()  # redoes it; one an error (or a second Ctrl-C) left under way is stopped
             signal.signal(signal.SIGINT, previous)
             if self.metrics is not None:
                 self.metrics.close()
@@ -420,6 +546,8 @@ class Trainer:
         ckpt.set_rng_states(rng)
 
     def close(self) -> None:
+        if self._background is not None:
+            self._background.close()
         if self.pool is not None:
             self.pool.close()
 
