@@ -1,19 +1,23 @@
 """Rollout engine efficiency: the trainer's engine against the raw throughput of the same env workers.
 
     python -m bench.rollout [--suite metaworld|libero_object] [--episodes 32] [--slots N] [--workers N]
-                            [--repeats 2] [--seed 0] [--json]
+                            [--pipeline G] [--repeats 2] [--seed 0] [--json]
 
-One run, one machine, the same episodes both ways (state mode, the suite's shipped SFT policy):
+One run, one machine, the same episodes every way (state mode, the suite's shipped SFT policy, the trainer's
+per-episode random streams, so every way executes the same actions):
 
-1. warm-up: the engine rolls the batch out once (``collect_rollouts``, sampled actions at the RL temperature,
-   seeded), building every simulator, and records each episode's executed actions;
-2. engine: the same rollout again with the same seed, so the same episodes, timed (``RolloutStats``: policy,
-   waiting on the envs, the envs' own busy time);
+1. warm-up: the engine rolls the batch out once (``collect_rollouts``, sampled actions at the RL temperature),
+   building every simulator, and records each episode's executed actions;
+2. engine: the same rollout again as the trainer runs it (``env.pipeline_groups`` worker groups in flight,
+   ``--pipeline`` to change it; the policy's torch threads as ``rollout_threads`` sets them), timed
+   (``RolloutStats``: policy, waiting on the envs, the envs' own busy time); and the lockstep engine (one
+   chunk in flight: every env steps, then the policy acts for all) for comparison;
 3. raw: the same worker processes execute those recorded actions with no policy and no per-chunk round trip
    (``EnvWorkerPool.run_open_loop``): the physical limit of the envs on these cores.
 
-``engine_efficiency`` = engine env steps/s ÷ raw env steps/s (medians over ``--repeats``). Prints a table
-(or ``--json``). Timings taken on a loaded machine are not worth recording: run it on an idle one.
+``engine_efficiency`` = engine env steps/s ÷ raw env steps/s (medians over ``--repeats``; the three ways
+interleave in each repeat). Prints a table (or ``--json``). Timings taken on a loaded machine are not worth
+recording: run it on an idle one.
 """
 from __future__ import annotations
 
@@ -69,9 +73,10 @@ class RecordingPool:
 
 
 def episodes_for(suite_cfg, count: int, seed: int):
-    """``count`` training episodes drawn as the trainer draws a step's prompts (G rollouts per prompt)."""
+    """``count`` training episodes drawn as the trainer draws a step's prompts (G rollouts per prompt), each
+    with its own random stream as in the trainer's step 0."""
     from pcm_train.envs.families import list_tasks
-    from pcm_train.training.rollout import Episode
+    from pcm_train.training.rollout import Episode, episode_seed
     from pcm_train.training.trainer import draw_prompts
 
     group = suite_cfg.rollout.group_size
@@ -79,80 +84,96 @@ def episodes_for(suite_cfg, count: int, seed: int):
         raise ValueError(f"--episodes must be a multiple of the group size {group}, got {count}")
     tasks = [t.task_id for t in list_tasks(suite_cfg.env.suite)]
     prompts = draw_prompts(np.random.default_rng(seed), tasks, count // group, suite_cfg.env.val_init_states)
-    return [Episode(task, state, f"prompt{i}") for i, (task, state) in enumerate(prompts) for _ in range(group)]
+    pairs = [(task, state, f"prompt{i}") for i, (task, state) in enumerate(prompts) for _ in range(group)]
+    return [Episode(*pair, seed=episode_seed(seed, 0, index)) for index, pair in enumerate(pairs)]
 
 
-def measure(suite: str, episodes: int, slots: int | None, workers: int | None, repeats: int, seed: int) -> dict:
+def measure(suite: str, episodes: int, slots: int | None, workers: int | None, repeats: int, seed: int,
+            pipeline: int | None = None) -> dict:
     from pcm_train.config import load_config
     from pcm_train.policies.factory import build_policy
     from pcm_train.envs.families import state_dim
     from pcm_train.training.rollout import RolloutStats, collect_rollouts
-    from pcm_train.training.trainer import make_env_pool
+    from pcm_train.training.trainer import make_env_pool, rollout_threads
 
     preset, policy_path = SUITES[suite]
     overrides = [f"preset={preset}", f"policy.path={policy_path}"]
     overrides += [f"env.max_slots={slots}"] if slots else []
     overrides += [f"env.num_workers={workers}"] if workers else []
+    overrides += [f"env.pipeline_groups={pipeline}"] if pipeline else []
     cfg = load_config(overrides)
     batch = episodes_for(cfg, episodes, seed)
     policy = build_policy(cfg.policy, device=torch.device("cpu"), state_dim=state_dim(cfg.env.suite))
     pool = make_env_pool(cfg, image_size=policy.config.image_size)
     try:
-        def engine(stats=None, recorder=None):
-            generator = torch.Generator().manual_seed(seed)
+        threads = rollout_threads(cfg, pool, torch.device("cpu"))
+
+        def engine(groups: int, stats=None, recorder=None):
             return collect_rollouts(policy, recorder or pool, batch, max_chunks=cfg.rollout.max_chunks,
-                                    temperature=cfg.actor.temperature, generator=generator, desc="rollout",
-                                    stats=stats)
+                                    temperature=cfg.actor.temperature, desc="rollout", stats=stats,
+                                    pipeline=groups, policy_threads=threads)
 
         recorder = RecordingPool(pool)
-        first = engine(recorder=recorder)
+        first = engine(1, recorder=recorder)  # through step_chunk, which the recorder sees
         actions = [np.concatenate(chunks) for chunks in recorder.actions]
         if [len(a) for a in actions] != first.batch["finish_step"].tolist():
             raise RuntimeError("the recorded actions do not cover the episodes' steps")
-        runs, raws = [], []
+        ways = {"engine": cfg.env.pipeline_groups, "lockstep": 1}
+        runs, raws = {way: [] for way in ways}, []
         for _ in range(repeats):
-            stats = RolloutStats()
-            again = engine(stats=stats)
-            if not torch.equal(again.batch["finish_step"], first.batch["finish_step"]):
-                raise RuntimeError("the timed rollout differs from the warm-up one: the engine is not "
-                                   "deterministic for a fixed seed")
-            runs.append(stats)
+            for way, groups in ways.items():
+                stats = RolloutStats()
+                again = engine(groups, stats=stats)
+                if not torch.equal(again.batch["responses"], first.batch["responses"]):
+                    raise RuntimeError(f"the {way} rollout differs from the warm-up one: the engine is not "
+                                       "deterministic for fixed episode seeds")
+                runs[way].append(stats)
             raws.append(pool.run_open_loop([(e.task_id, e.init_state_id) for e in batch], actions,
                                            cfg.rollout.action_chunk))
         steps = int(first.batch["finish_step"].sum())
-        engine_rate = statistics.median(s.env_steps / s.wall_s for s in runs)
-        raw_rate = statistics.median(r["steps"] / r["wall_s"] for r in raws)
         if any(r["steps"] != steps for r in raws):
             raise RuntimeError("the open-loop replay executed a different number of env steps")
-        mid = sorted(runs, key=lambda s: s.wall_s)[len(runs) // 2]
-        return {
+        raw_rate = statistics.median(r["steps"] / r["wall_s"] for r in raws)
+        result = {
             "suite": suite, "episodes": len(batch), "env_steps": steps, "workers": len(pool.workers),
-            "slots": pool.num_slots, "repeats": repeats, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "raw_env_steps_per_s": raw_rate, "engine_env_steps_per_s": engine_rate,
-            "engine_efficiency": engine_rate / raw_rate,
-            "engine_wall_s": mid.wall_s, "raw_wall_s": statistics.median(r["wall_s"] for r in raws),
-            "engine_split_s": {"policy": mid.policy_s, "waiting_on_envs": mid.wait_s,
-                               "other": mid.wall_s - mid.policy_s - mid.wait_s},
-            "engine_env_busy_s": mid.env_s, "engine_env_busy_fraction": mid.metrics().get("rollout/env_busy_fraction"),
+            "slots": pool.num_slots, "pipeline_groups": cfg.env.pipeline_groups, "policy_threads": threads,
+            "repeats": repeats, "cpu_count": os.cpu_count(), "raw_env_steps_per_s": raw_rate,
+            "raw_wall_s": statistics.median(r["wall_s"] for r in raws),
             "success_rate": float(first.batch["complete"].float().mean()),
         }
+        for way, timed in runs.items():
+            rate = statistics.median(s.env_steps / s.wall_s for s in timed)
+            mid = sorted(timed, key=lambda s: s.wall_s)[len(timed) // 2]
+            prefix = "engine" if way == "engine" else way
+            result.update({
+                f"{prefix}_env_steps_per_s": rate, f"{prefix}_efficiency": rate / raw_rate,
+                f"{prefix}_wall_s": mid.wall_s,
+                f"{prefix}_split_s": {"policy": mid.policy_s, "waiting_on_envs": mid.wait_s,
+                                      "other": mid.wall_s - mid.policy_s - mid.wait_s},
+                f"{prefix}_env_busy_fraction": mid.metrics().get("rollout/env_busy_fraction")})
+        return result
     finally:
         pool.close()
 
 
 def format_table(result: dict) -> str:
-    split = result["engine_split_s"]
-    return "\n".join([
+    lines = [
         f"rollout engine, {result['suite']} (state mode, shipped SFT policy): {result['episodes']} episodes, "
         f"{result['env_steps']} env steps, {result['workers']} env workers, {result['slots']} env slots, "
-        f"{result['cpu_count']} cores, median of {result['repeats']}",
-        "| way | env steps/s | wall s |", "|---|---|---|",
-        f"| raw envs (no policy, no coordination) | {result['raw_env_steps_per_s']:.0f} | {result['raw_wall_s']:.2f} |",
-        f"| trainer's engine | {result['engine_env_steps_per_s']:.0f} | {result['engine_wall_s']:.2f} |",
-        f"engine_efficiency = {result['engine_efficiency']:.2f}; engine time: policy {split['policy']:.2f} s, "
-        f"waiting on envs {split['waiting_on_envs']:.2f} s, other {split['other']:.2f} s; envs busy "
-        f"{result['engine_env_busy_fraction'] or float('nan'):.0%} of workers × wall"])
+        f"{result['cpu_count']} cores, policy on {result['policy_threads']} torch thread(s), median of "
+        f"{result['repeats']}",
+        "| way | env steps/s | wall s | efficiency | policy s | waiting on envs s | envs busy |", "|---|---|---|---|---|---|---|",
+        f"| raw envs (no policy, no coordination) | {result['raw_env_steps_per_s']:.0f} | {result['raw_wall_s']:.2f} "
+        "| 1 | | | |"]
+    for prefix, name in (("engine", f"trainer's engine ({result['pipeline_groups']} worker groups in flight)"),
+                         ("lockstep", "lockstep engine (one chunk in flight)")):
+        split = result[f"{prefix}_split_s"]
+        busy = result[f"{prefix}_env_busy_fraction"]
+        lines.append(f"| {name} | {result[f'{prefix}_env_steps_per_s']:.0f} | {result[f'{prefix}_wall_s']:.2f} | "
+                     f"{result[f'{prefix}_efficiency']:.2f} | {split['policy']:.2f} | {split['waiting_on_envs']:.2f} | "
+                     f"{busy if busy is None else f'{busy:.0%}'} |")
+    lines.append(f"engine_efficiency = {result['engine_efficiency']:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,14 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=32, help="episodes per rollout (multiple of the group size)")
     parser.add_argument("--slots", type=int, default=None, help="env.max_slots (default: the preset's)")
     parser.add_argument("--workers", type=int, default=None, help="env.num_workers (default: one per core)")
+    parser.add_argument("--pipeline", type=int, default=None,
+                        help="env.pipeline_groups of the engine (default: the trainer's)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each way (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.episodes < 1:
-        parser.error("--repeats and --episodes must be >= 1")
+    if args.repeats < 1 or args.episodes < 1 or (args.pipeline is not None and args.pipeline < 1):
+        parser.error("--repeats, --episodes and --pipeline must be >= 1")
     started = time.perf_counter()
-    result = measure(args.suite, args.episodes, args.slots, args.workers, args.repeats, args.seed)
+    result = measure(args.suite, args.episodes, args.slots, args.workers, args.repeats, args.seed, args.pipeline)
     result["bench_s"] = time.perf_counter() - started
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

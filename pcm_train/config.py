@@ -235,6 +235,12 @@ class EnvSection:
     ray_address: Optional[str] = None  # None = start Ray locally; "auto" or an address = join a cluster
     step_timeout_s: float = 120.0  # a worker silent this long is restarted
     ray_dashboard: bool = False  # Ray's dashboard when the run starts Ray (it costs CPU on small machines)
+    # groups of env workers stepping at once: the policy acts for one group while the others step (1 = all
+    # envs step together, then the policy acts for all); used for seeded and greedy rollouts (the trainer's)
+    pipeline_groups: int = 2
+    # torch threads of the policy while it rolls out on the CPU (the env workers share the cores); 0 = the
+    # cores this rank's env workers leave free, at least 1
+    policy_threads: int = 0
 
     def validate(self, prefix: str) -> None:
         _one_of(f"{prefix}.suite", self.suite, SUITES)
@@ -249,6 +255,8 @@ class EnvSection:
         _at_least(f"{prefix}.num_workers", self.num_workers, 0)
         _at_least(f"{prefix}.max_slots", self.max_slots, 1)
         _above(f"{prefix}.step_timeout_s", self.step_timeout_s, 0.0)
+        _at_least(f"{prefix}.pipeline_groups", self.pipeline_groups, 1)
+        _at_least(f"{prefix}.policy_threads", self.policy_threads, 0)
 
 
 @dataclass

@@ -37,13 +37,15 @@ def test_recording_pool_keeps_each_episodes_executed_actions_across_refills():
 @pytest.mark.skipif(importlib.util.find_spec("metaworld") is None, reason="MetaWorld is installed by the train extra")
 def test_bench_rollout_replays_the_engines_episodes_open_loop():
     run = subprocess.run([sys.executable, "-m", "bench.rollout", "--suite", "metaworld", "--episodes", "8",
-                          "--repeats", "1", "--workers", "1", "--json"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+                          "--repeats", "1", "--workers", "2", "--slots", "4", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)
-    assert result["episodes"] == 8 and result["workers"] == 1 and result["env_steps"] > 0
-    assert result["engine_efficiency"] == pytest.approx(result["engine_env_steps_per_s"]
-                                                        / result["raw_env_steps_per_s"])
-    assert 0 < result["engine_efficiency"] < 5
-    split = result["engine_split_s"]
-    assert split["policy"] > 0 and split["waiting_on_envs"] > 0 and result["engine_env_busy_s"] > 0
+    assert result["episodes"] == 8 and result["workers"] == 2 and result["slots"] == 4 and result["env_steps"] > 0
+    assert result["pipeline_groups"] == 2 and result["policy_threads"] >= 1
+    for way in ("engine", "lockstep"):
+        assert result[f"{way}_efficiency"] == pytest.approx(result[f"{way}_env_steps_per_s"]
+                                                            / result["raw_env_steps_per_s"])
+        assert 0 < result[f"{way}_efficiency"] < 5
+        split = result[f"{way}_split_s"]
+        assert split["policy"] > 0 and split["waiting_on_envs"] > 0 and 0 < result[f"{way}_env_busy_fraction"] <= 1

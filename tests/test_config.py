@@ -35,7 +35,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     },
     "env": {
         "suite": "libero_object", "task_ids": None, "val_init_states": 10, "val_placements": "tail", "camera": True, "num_workers": 0, "max_slots": 32,
-        "ray_address": None, "step_timeout_s": 120.0, "ray_dashboard": False,
+        "ray_address": None, "step_timeout_s": 120.0, "ray_dashboard": False, "pipeline_groups": 2, "policy_threads": 0,
     },
     "resume": None,
 }

@@ -135,6 +135,38 @@ def test_worker_killed_before_a_refill_is_replaced_and_every_episode_continues_e
     assert_same_episode((got[1], got[2]), (want[1], want[2]))
 
 
+def test_worker_killed_with_chunks_in_flight_is_replaced_and_every_episode_continues_exactly(pool, reference):
+    """Pipelined stepping: each worker's chunk sent apart (start_chunk), the first worker SIGKILLed while both are
+    in flight; collecting its chunk replaces it and replays its episode, and both episodes run on bitwise as
+    the lockstep pool's."""
+    restarts = pool.restarts
+    observations = pool.reset(EPISODES)
+    workers = pool.position_workers()
+    assert sorted(workers) == [0, 1], "one episode per worker"
+    results = []
+    for index, chunk in enumerate(CHUNKS):
+        pending = [pool.start_chunk(chunk, np.array([p == position for p in range(len(EPISODES))]))
+                   for position in range(len(EPISODES))]
+        if index == 1:
+            worker_process(pool, workers[0]).kill()
+        first = pool.wait_any(pending)
+        parts = {first: pool.finish_chunk(pending[first])}
+        parts[1 - first] = pool.finish_chunk(pending[1 - first])
+        results.append(merge_positions(parts))
+    assert pool.restarts == restarts + 1
+    assert_same_episode((observations, results), reference)
+
+
+def merge_positions(parts):
+    """One ChunkResult from the per-position results of chunks stepped apart (position p from parts[p])."""
+    merged = workers.ChunkResult(obs=[parts[p].obs[p] for p in sorted(parts)],
+                                 reward=np.array([parts[p].reward[p] for p in sorted(parts)]),
+                                 terminated=np.array([parts[p].terminated[p] for p in sorted(parts)]),
+                                 truncated=np.array([parts[p].truncated[p] for p in sorted(parts)]),
+                                 steps=np.array([parts[p].steps[p] for p in sorted(parts)]))
+    return merged
+
+
 def test_hanging_worker_is_replaced_and_the_episode_continues_exactly(pool, reference, monkeypatch, caplog):
     """Real: SIGSTOP of the worker's process, so the call gets no answer within the (shortened) timeout."""
     caplog.set_level(logging.WARNING, LOGGER)

@@ -383,6 +383,52 @@ def test_refilled_slots_roll_out_each_episode_as_a_fresh_env_does():
     assert list(batches[2].non_tensor_batch["uid"]) == [str(i) for i in range(6)]
 
 
+def _pipeline_policy():
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    torch.manual_seed(0)
+    return SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                   intermediate_size=32, observation="state", state_dim=STATE_DIM))
+
+
+def test_pipelined_rollout_records_what_the_lockstep_one_does():
+    """Two env workers, 8 seeded episodes on 4 slots (refills): with the workers' chunks in flight at once
+    (env.pipeline_groups=2, the policy acting for one worker's episodes while the other's step) the tokens,
+    observations, steps and outcomes equal the lockstep rollout's bit for bit and the log-probs to float
+    rounding, greedy and sampled; a stop mid-rollout leaves the pool
+    usable (the abandoned chunks finish on the workers, the next rollout is unchanged)."""
+    from pcm_train.config import load_config
+    from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
+    from pcm_train.training.trainer import make_env_pool
+
+    policy = _pipeline_policy()
+    prompts = [(0, 3), (1, 4), (0, 3), (2, 5), (3, 6), (1, 7), (2, 8), (3, 9)]
+    episodes = [Episode(t, s, str(i), seed=episode_seed(0, 0, i)) for i, (t, s) in enumerate(prompts)]
+    cfg = load_config(["preset=metaworld", "env.num_workers=2", "env.max_slots=4", "trainer.val_episodes=4",
+                       "rollout.prompts_per_step=1", "rollout.group_size=2"])
+    pool = make_env_pool(cfg, image_size=32)
+    try:
+        def rollout(pipeline, greedy=False, **kwargs):
+            return collect_rollouts(policy, pool, episodes, max_chunks=6, temperature=1.6, greedy=greedy,
+                                    pipeline=pipeline, **kwargs)
+
+        for greedy in (False, True):
+            lockstep, stats = rollout(1, greedy), RolloutStats()
+            pipelined = rollout(2, greedy, stats=stats, policy_threads=1)
+            for key in ("responses", "pixel_values", "finish_step", "complete", "gripper"):
+                assert torch.equal(pipelined.batch[key], lockstep.batch[key]), key
+            # the policy acts on each worker's rows apart: the log-probs of a row are summed in another blocking
+            torch.testing.assert_close(pipelined.batch["old_log_probs"], lockstep.batch["old_log_probs"], rtol=0,
+                                       atol=1e-5)
+            assert stats.env_steps == int(lockstep.batch["finish_step"].sum()) > 0
+        calls = iter(range(10**6))
+        with pytest.raises(StopRequested):
+            rollout(2, should_stop=lambda: next(calls) == 5)
+        torch.testing.assert_close(rollout(2).batch["responses"], rollout(1).batch["responses"], rtol=0, atol=0)
+    finally:
+        pool.close()
+
+
 def test_worker_pool_reports_the_fingers(env):
     """ChunkResult.gripper_closed through the Ray pool is the env's info["gripper_closed"], step for step (the
     signal pcm.gripper_signal=fingers labels phases from)."""

@@ -468,3 +468,55 @@ def test_seeded_episodes_roll_out_the_same_in_any_batch():
     assert not torch.equal(other.batch["responses"], whole.batch["responses"])
     with pytest.raises(ValueError, match="all have a seed"):
         roll([episodes[0], Episode(0, 1, "x")])
+
+
+class _WorkerStub:
+    def __init__(self, workers):
+        self.workers = workers
+
+    def position_workers(self):
+        return self.workers
+
+    start_chunk = wait_any = finish_chunk = None
+
+
+def test_pipeline_groups_split_whole_workers_evenly():
+    from pcm_train.training.rollout import pipeline_groups
+
+    assert pipeline_groups(_WorkerStub([0, 0, 1, 1, 2, 2]), 2) == [0, 0, 0, 0, 1, 1]
+    assert pipeline_groups(_WorkerStub([1, 0, 1, 0]), 2) == [1, 0, 1, 0]
+    assert pipeline_groups(_WorkerStub([0, 1, 2, 3]), 4) == [0, 1, 2, 3]
+    assert pipeline_groups(_WorkerStub([0, 1, 2]), 8) == [0, 1, 2]  # at most one group per worker
+    assert pipeline_groups(_WorkerStub([0, 1]), 1) is None  # lockstep asked for
+    assert pipeline_groups(_WorkerStub([0, 0]), 2) is None  # one worker: nothing to overlap
+    assert pipeline_groups(FakePool(image_size=16), 2) is None  # no send / wait / collect calls
+
+
+def test_rollout_refuses_bad_pipeline_and_thread_counts():
+    from pcm_train.training.rollout import Episode, collect_rollouts
+
+    from pcm_train.policies import SmallVLA, SmallVLAConfig
+
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=32, image_size=16))
+    for bad in ({"pipeline": 0}, {"pipeline": 1.5}, {"policy_threads": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            collect_rollouts(policy, FakePool(image_size=16), [Episode(0, 0, "a")], max_chunks=2, temperature=1.0,
+                             **bad)
+
+
+def test_rollout_threads_follow_the_env_workers(monkeypatch):
+    from pcm_train.config import load_config
+    from pcm_train.training.trainer import rollout_threads
+
+    class Pool:
+        workers = [0, 1]
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert rollout_threads(load_config([]), Pool(), cpu) == 6  # the cores the env workers leave free
+    assert rollout_threads(load_config([]), Pool(), gpu) is None
+    assert rollout_threads(load_config(["env.policy_threads=3"]), Pool(), cpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rollout_threads(load_config([]), Pool(), cpu) == 1  # 2 cores per rank, both taken: at least 1

@@ -6,6 +6,9 @@ parallelism is across workers). A batch of episodes is started with ``reset``
 and advanced one action chunk at a time with ``step_chunk``; an episode stops
 inside a chunk at success or at ``max_steps``, and ``refill`` starts the next
 ones at the positions of ended episodes while the others keep running.
+``step_chunk`` is ``start_chunk`` (send) then ``finish_chunk`` (collect); a
+pipelined rollout keeps one chunk in flight per group of workers
+(``position_workers``) and collects whichever ``wait_any`` finds done first.
 
 Lost workers: every way Ray can lose a worker takes one recovery path. The
 errors are listed in ``WORKER_LOST_ERRORS``:
@@ -105,6 +108,16 @@ class ChunkResult:
     def done(self) -> np.ndarray:
         """bool [E]: the episode is over."""
         return self.terminated | self.truncated
+
+
+@dataclass
+class PendingChunk:
+    """A chunk step in flight (``EnvWorkerPool.start_chunk``): the workers' calls, not yet collected."""
+
+    running: list[int]  # batch positions stepped
+    actions: dict[int, np.ndarray]  # position -> float64 [L, 7] actions sent
+    jobs: dict[int, dict[int, tuple]]  # worker -> {position: job}
+    refs: dict[int, ray.ObjectRef]  # worker -> its call
 
 
 @dataclass
@@ -345,6 +358,17 @@ class EnvWorkerPool:
         episodes that are already over are never stepped. An episode stops
         within the chunk at success or max_steps.
         """
+        return self.finish_chunk(self.start_chunk(actions, active))
+
+    def position_workers(self) -> list[int]:
+        """The worker holding each batch position's env (positions of one worker step one after another)."""
+        return [episode.slot // self.envs_per_worker for episode in self._episodes]
+
+    def start_chunk(self, actions: np.ndarray, active: np.ndarray | None = None) -> PendingChunk:
+        """``step_chunk`` without waiting: sends the chunk to the workers of the ``active`` positions and returns.
+
+        Collect it with ``finish_chunk`` (``wait_any`` says which of several is done first). Chunks in flight
+        at once must hold disjoint workers' positions (a worker runs its calls one after another)."""
         self._check_open()
         num_episodes = len(self._episodes)
         if num_episodes == 0:
@@ -360,18 +384,47 @@ class EnvWorkerPool:
             raise ValueError(f"active must have shape ({num_episodes},), got {active.shape}")
         running = [index for index, episode in enumerate(self._episodes)
                    if active[index] and not (episode.terminated or episode.truncated)]
-        jobs = self._by_worker({index: (self._episodes[index].slot, actions[index]) for index in running})
-        results = self._call("step_chunk", jobs, self.step_timeout_s,
-                             [(episode.task_id, episode.init_state_id) for episode in self._episodes])
+        sent = {index: actions[index].copy() for index in running}  # the caller may reuse its buffer
+        jobs = self._by_worker({index: (self._episodes[index].slot, sent[index]) for index in running})
+        refs = {worker: self._workers[worker].step_chunk.remote(list(batch.values())) for worker, batch in jobs.items()}
+        return PendingChunk(running, sent, jobs, refs)
+
+    def wait_any(self, pending: list[PendingChunk]) -> int:
+        """Index of a chunk of ``pending`` whose every call has answered (or, after ``step_timeout_s`` without
+        one, the first: ``finish_chunk`` then handles the silent worker)."""
+        if not pending:
+            raise ValueError("pending must not be empty")
+        deadline = time.monotonic() + self.step_timeout_s
+        while True:
+            for index, chunk in enumerate(pending):
+                refs = list(chunk.refs.values())
+                if not refs or len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs):
+                    return index
+            left = deadline - time.monotonic()
+            waiting = [ref for chunk in pending for ref in chunk.refs.values()]
+            if left <= 0 or not ray.wait(waiting, num_returns=1, timeout=left)[0]:
+                return 0
+            # a call answered: look again for a chunk whose calls all did
+
+    def finish_chunk(self, pending: PendingChunk) -> ChunkResult:
+        """Collect a chunk sent with ``start_chunk``: its ``ChunkResult`` (steps 0 and unchanged obs at the
+        positions it did not step). Lost workers are replaced and their episodes replayed, as in ``step_chunk``."""
+        self._check_open()
+        num_episodes = len(self._episodes)
+        if num_episodes == 0:
+            raise RuntimeError("no episodes are running; call reset() first")
+        results = self._call("step_chunk", pending.jobs, self.step_timeout_s,
+                             [(episode.task_id, episode.init_state_id) for episode in self._episodes],
+                             launched=pending.refs)
         reward = np.zeros(num_episodes, dtype=np.float32)
         steps = np.zeros(num_episodes, dtype=np.int64)
         closed: list[np.ndarray | None] = [np.zeros(0, dtype=bool)] * num_episodes
-        for index in running:
+        for index in pending.running:
             episode = self._episodes[index]
             episode.obs, reward[index], episode.terminated, episode.truncated, steps[index], closed[index], seconds = \
                 results[index]
             self.env_busy_s += seconds
-            episode.actions.append(actions[index, :steps[index]].copy())  # the caller may reuse its buffer
+            episode.actions.append(pending.actions[index][:steps[index]])
         return ChunkResult(
             obs=[episode.obs for episode in self._episodes], reward=reward,
             terminated=np.array([episode.terminated for episode in self._episodes]),
@@ -476,20 +529,22 @@ class EnvWorkerPool:
         return grouped
 
     def _call(self, method: str, jobs: dict[int, dict[int, tuple]], timeout_s: float,
-              episodes: list[tuple[int, int]]) -> dict[int, object]:
+              episodes: list[tuple[int, int]], launched: dict[int, ray.ObjectRef] | None = None) -> dict[int, object]:
         """Run ``method`` on each worker's jobs in parallel, replacing lost workers; per-episode results.
 
-        ``episodes``: (task_id, init_state_id) of every episode of the batch, for messages. Any error ends the
-        batch (``reset`` starts a new one).
+        ``episodes``: (task_id, init_state_id) of every episode of the batch, for messages. ``launched``: the
+        first attempt's calls, already sent (``start_chunk``). Any error ends the batch (``reset`` starts a
+        new one).
         """
         try:
-            return self._call_with_restarts(method, jobs, timeout_s, episodes)
+            return self._call_with_restarts(method, jobs, timeout_s, episodes, launched)
         except BaseException:
             self._episodes = []  # some envs may have stepped, others not: the batch cannot continue
             raise
 
     def _call_with_restarts(self, method: str, jobs: dict[int, dict[int, tuple]], timeout_s: float,
-                            episodes: list[tuple[int, int]]) -> dict[int, object]:
+                            episodes: list[tuple[int, int]],
+                            launched: dict[int, ray.ObjectRef] | None = None) -> dict[int, object]:
         results: dict[int, object] = {}
         failures: dict[int, str] = {}
         pending = dict(jobs)
@@ -500,8 +555,9 @@ class EnvWorkerPool:
                                    "(replacement %d of at most %d in a row)", worker, reason, method,
                                    _episode_list(pending[worker], episodes), attempt, self.max_restarts)
                     self._replace(worker)
-            refs = {worker: getattr(self._workers[worker], method).remote(list(batch.values()))
-                    for worker, batch in pending.items()}
+            refs = launched if launched is not None and not attempt else \
+                {worker: getattr(self._workers[worker], method).remote(list(batch.values()))
+                 for worker, batch in pending.items()}
             values, failures = _gather(refs, timeout_s, method,
                                        {worker: _episode_list(pending[worker], episodes) for worker in pending})
             for worker, value in values.items():

@@ -1,9 +1,12 @@
 """Chunked, batched rollouts into a SimpleVLA-RL-layout ``DataProto``.
 
-The policy acts once per chunk for every episode in flight at once; the env pool
-executes the chunk's L steps in each env (stopping at success) and returns the
-new observations; a position whose episode ended takes the batch's next episode
-at once (continuous refill, no wave barrier). Chunks never reached are filled as SimpleVLA-RL does: the
+The policy acts once per chunk for the episodes in flight; the env pool executes
+the chunk's L steps in each env (stopping at success) and returns the new
+observations; a position whose episode ended takes the batch's next episode at
+once (continuous refill, no wave barrier). Pipelined (``pipeline_groups`` > 1, on a
+pool with ``start_chunk``/``wait_any``/``finish_chunk``): the positions are split by
+env worker into groups, and while one group's envs step the policy acts for
+another, so neither the policy nor the envs wait for the slowest of all. Chunks never reached are filled as SimpleVLA-RL does: the
 episode's prompt, a blank observation (zeros), a neutral action token, log-prob 0;
 they are invalid (``finish_step``) and never trained on. Observations become model inputs
 through ``policy.observations_to_inputs`` (images, or states for a state-mode policy).
@@ -40,6 +43,44 @@ class EnvPool(Protocol):
     def step_chunk(self, actions: np.ndarray, active: np.ndarray):
         """Returns a ``ChunkResult`` (obs, reward, terminated, truncated, steps per episode; the fingers
         ``gripper_closed`` where the env reports them)."""
+
+    # optional, for pipelined rollouts (``EnvWorkerPool``): step_chunk split in send / wait / collect, and the
+    # worker of each position (chunks in flight at once go to disjoint workers)
+    # def position_workers(self) -> list[int]
+    # def start_chunk(self, actions, active) -> pending
+    # def wait_any(self, pending: list) -> int
+    # def finish_chunk(self, pending) -> ChunkResult
+
+
+class _OneChunkAtATime:
+    """The send / wait / collect calls of a pool that has only ``step_chunk``: one chunk in flight."""
+
+    def __init__(self, pool: EnvPool):
+        self.pool = pool
+
+    def start_chunk(self, actions: np.ndarray, active: np.ndarray):
+        return actions.copy(), active.copy()
+
+    def wait_any(self, pending: list) -> int:
+        return 0
+
+    def finish_chunk(self, pending):
+        return self.pool.step_chunk(*pending)
+
+
+def pipeline_groups(pool: EnvPool, groups: int) -> list[int] | None:
+    """Group of each batch position when ``pool`` can pipeline (up to ``groups`` groups of whole workers,
+    as even as the workers allow), else None. Call after ``pool.reset``."""
+    if groups < 2 or not all(hasattr(pool, name) for name in ("position_workers", "start_chunk", "wait_any",
+                                                                 "finish_chunk")):
+        return None
+    workers = pool.position_workers()
+    distinct = sorted(set(workers))
+    if len(distinct) < 2:
+        return None
+    count = min(groups, len(distinct))
+    rank = {worker: index * count // len(distinct) for index, worker in enumerate(distinct)}
+    return [rank[worker] for worker in workers]
 
 
 @dataclass
@@ -114,7 +155,8 @@ def episode_seed(run_seed: int, step: int, index: int) -> int:
 def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
                      greedy: bool = False, generator: torch.Generator | None = None,
                      desc: str = "rollout", should_stop=lambda: False, gripper_signal: str = "command",
-                     stats: RolloutStats | None = None) -> DataProto:
+                     stats: RolloutStats | None = None, pipeline: int = 1,
+                     policy_threads: int | None = None) -> DataProto:
     """Run every episode to success or ``max_chunks`` chunks; returns the batch (LAYOUT.md keys plus
     ``gripper`` float [E, C, L], the phase labeler's per-step gripper signal, +1 closed / -1 open:
     the executed env-space gripper commands for ``gripper_signal="command"``, the fingers the env
@@ -135,7 +177,13 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     ``generator``. Greedy rollouts draw nothing.
 
     ``stats`` (optional) accumulates where the time went (``RolloutStats``): the policy, the wait on the
-    envs, the envs' own busy time where the pool reports it (``pool.env_busy_s``), env steps."""
+    envs, the envs' own busy time where the pool reports it (``pool.env_busy_s``), env steps.
+
+    ``pipeline``: groups of env workers whose chunks are in flight at once (``pipeline_groups``); the policy
+    acts for one group while the others step. Used only where the draws do not depend on the order in which
+    groups come back (seeded episodes, or greedy), so a rollout's result never depends on timing; otherwise,
+    and on pools without the send / wait / collect calls, one chunk is in flight. ``policy_threads``: torch's
+    intra-op threads while the rollout runs (the env workers share the cores; None leaves them as set)."""
     if not episodes:
         raise ValueError("episodes must not be empty")
     if gripper_signal not in GRIPPER_SIGNALS:
@@ -143,11 +191,21 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
     seeded = [e.seed is not None for e in episodes]
     if any(seeded) and not all(seeded):
         raise ValueError("episodes must all have a seed (own random streams) or none (the shared generator)")
+    if not isinstance(pipeline, int) or pipeline < 1:
+        raise ValueError(f"pipeline must be an int >= 1, got {pipeline!r}")
+    if policy_threads is not None and (not isinstance(policy_threads, int) or policy_threads < 1):
+        raise ValueError(f"policy_threads must be None or an int >= 1, got {policy_threads!r}")
     stats = RolloutStats() if stats is None else stats
     started, busy_before = time.perf_counter(), getattr(pool, "env_busy_s", None)
-    batch = _collect(policy, pool, episodes, max_chunks=max_chunks, temperature=temperature, greedy=greedy,
-                     generator=generator, desc=desc, should_stop=should_stop, gripper_signal=gripper_signal,
-                     stats=stats)
+    threads = torch.get_num_threads()
+    try:
+        if policy_threads is not None:
+            torch.set_num_threads(policy_threads)
+        batch = _collect(policy, pool, episodes, max_chunks=max_chunks, temperature=temperature, greedy=greedy,
+                         generator=generator, desc=desc, should_stop=should_stop, gripper_signal=gripper_signal,
+                         stats=stats, pipeline=pipeline if greedy or all(seeded) else 1)
+    finally:
+        torch.set_num_threads(threads)
     stats.wall_s += time.perf_counter() - started
     stats.env_steps += int(batch.batch["finish_step"].sum())
     if busy_before is not None:
@@ -158,9 +216,10 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
 
 def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
              greedy: bool, generator: torch.Generator | None, desc: str, should_stop, gripper_signal: str,
-             stats: RolloutStats) -> DataProto:
+             stats: RolloutStats, pipeline: int) -> DataProto:
     """The engine of ``collect_rollouts``: ``min(pool.num_slots, E)`` positions in flight, each refilled
-    with the batch's next episode as soon as its episode ends."""
+    with the batch's next episode as soon as its episode ends; with ``pipeline`` > 1 their worker groups
+    step one chunk each, independently, the policy acting for a group as soon as its chunk comes back."""
     cfg = policy.config
     L, D = cfg.action_chunk, cfg.action_dim
     A, C, E = L * D, max_chunks, len(episodes)
@@ -177,6 +236,9 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
     _check_languages(observations, languages, at)
     with _Clock(stats, "policy_s"):
         current = policy.observations_to_inputs(observations)
+    groups = pipeline_groups(pool, pipeline)
+    chunks = pool if groups is not None else _OneChunkAtATime(pool)
+    group_of = np.asarray(groups if groups is not None else [0] * S)
     streams = [torch.Generator().manual_seed(e.seed) for e in episodes] if episodes[0].seed is not None else None
     responses = torch.full((E, C, A), cfg.action_token_start, dtype=torch.int64)
     old_log_probs = torch.zeros(E, C, A)
@@ -184,13 +246,19 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
     gripper = torch.full((E, C, L), -1.0)
     finish_step = torch.zeros(E, dtype=torch.int64)
     complete = torch.zeros(E, dtype=torch.bool)
+    env_actions = np.zeros((S, L, D), dtype=np.float64)
+    in_flight: dict[int, tuple] = {}  # group -> (pending chunk, its positions)
     waiting = S  # the next episode to start
     policy.eval()
     progress = tqdm(total=E, desc=desc, leave=False, unit="episode")
-    while (rows := np.flatnonzero(at >= 0)).size:
+
+    def act(group: int) -> None:
+        """The policy acts for the group's live positions; their chunk is sent to the envs."""
         if should_stop():
-            progress.close()
             raise StopRequested
+        rows = np.flatnonzero((at >= 0) & (group_of == group))
+        if not rows.size:
+            return
         ids, ks = at[rows], chunk[rows]
         with _Clock(stats, "policy_s"):
             out = policy.act(input_ids[ids], attention_mask[ids], current[rows].to(device),
@@ -199,12 +267,16 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
             responses[ids, ks] = out["responses"].cpu()
             old_log_probs[ids, ks] = out["log_probs"].cpu()
         pixel_values[ids, ks] = current[rows].cpu()
-        env_actions = np.zeros((S, L, D), dtype=np.float64)
         env_actions[rows] = out["env_actions"].cpu().double().numpy()
         with _Clock(stats, "wait_s"):
-            result = pool.step_chunk(env_actions, at >= 0)
+            in_flight[group] = (chunks.start_chunk(env_actions, np.isin(np.arange(S), rows)), rows)
+
+    def settle(group: int, result, rows: np.ndarray) -> None:
+        """Record the group's chunk, start the batch's next episodes at the positions whose episodes ended."""
+        nonlocal waiting
         ended = []
-        for p, e, k in zip(rows, ids, ks):
+        for p in rows:
+            e, k = at[p], chunk[p]
             executed = int(result.steps[p])
             gripper[e, k, :executed] = _gripper_signal(gripper_signal, env_actions[p, :executed, -1], result, p)
             finish_step[e] += executed
@@ -214,8 +286,8 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
                 ended.append(p)
                 at[p] = -1
         progress.update(len(ended))
-        continuing = np.flatnonzero(at >= 0)
-        if continuing.size:
+        continuing = [p for p in rows if at[p] >= 0]
+        if continuing:
             with _Clock(stats, "policy_s"):
                 current[continuing] = policy.observations_to_inputs([result.obs[p] for p in continuing])
         if ended and waiting < E:
@@ -228,7 +300,20 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
             _check_languages(observations, languages, at[placed])
             with _Clock(stats, "policy_s"):
                 current[placed] = policy.observations_to_inputs(observations)
-    progress.close()
+
+    try:
+        for group in sorted(set(group_of.tolist())):
+            act(group)
+        while in_flight:
+            order = list(in_flight)
+            with _Clock(stats, "wait_s"):
+                group = order[chunks.wait_any([in_flight[g][0] for g in order])]
+                pending, rows = in_flight.pop(group)
+                result = chunks.finish_chunk(pending)
+            settle(group, result, rows)
+            act(group)
+    finally:
+        progress.close()
     uid = np.array([e.uid for e in episodes], dtype=object)
     tensors = {
         "responses": responses, "input_ids": input_ids.cpu().unsqueeze(1).expand(E, C, P).contiguous(),

@@ -75,6 +75,18 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
                          num_steps_wait=cfg.rollout.num_steps_wait)
 
 
+def rollout_threads(cfg: PCMTrainConfig, pool, device: torch.device) -> int | None:
+    """torch threads of the policy while it rolls out: ``env.policy_threads``, or (0) on the CPU the cores this
+    rank's env workers leave free, at least 1 (a policy thread sharing a core with a busy env worker stalls
+    both); None on a GPU (torch's setting is left alone)."""
+    if cfg.env.policy_threads:
+        return cfg.env.policy_threads
+    if device.type != "cpu":
+        return None
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores - len(getattr(pool, "workers", [])))
+
+
 def _sync(device: torch.device) -> None:
     """Waits for the work this thread queued on ``device`` (its current stream only: a rollout in the
     background, ``trainer.overlap``, runs on a stream of its own and is not waited for)."""
@@ -308,7 +320,9 @@ class Trainer:
     def _rollout(self, policy, episodes, *, greedy: bool, desc: str, should_stop, stats: RolloutStats | None = None):
         return collect_rollouts(policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
                                 temperature=self.cfg.actor.temperature, greedy=greedy, desc=desc,
-                                should_stop=should_stop, gripper_signal=self.cfg.pcm.gripper_signal, stats=stats)
+                                should_stop=should_stop, gripper_signal=self.cfg.pcm.gripper_signal, stats=stats,
+                                pipeline=self.cfg.env.pipeline_groups,
+                                policy_threads=rollout_threads(self.cfg, self.pool, self.device))
 
     def _roll_out(self, step: int, episodes: list[Episode], policy, should_stop):
         """This rank's share of step ``step``'s ``episodes`` (all of them in a single process) rolled out by
