@@ -19,6 +19,17 @@ S = 300
 CPU_HIDDEN, GPU_HIDDEN = 256, 4096  # per device group, not per machine: CPU groups keep CPU sizes
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """The CPU groups run on one torch thread, baselines and candidates alike: at 80 x 64 an op is a few
+    microseconds, too short for a second thread to pay, and a second thread stalls whenever the other core
+    is busy (the trainer's env workers); PCM_BENCH_THREADS=N to time another count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("PCM_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
+
+
 def _gen(device):
     """A seeded generator on ``device``: inputs are drawn where they are used (no host randn + copy)."""
     return torch.Generator(device=device).manual_seed(0)

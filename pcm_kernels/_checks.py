@@ -8,12 +8,13 @@ copy (one host synchronization on CUDA, none extra on the CPU).
 """
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-# (0-dim bool tensor that is True where the check FAILS, builder of the error message)
-ValueCheck = Tuple[torch.Tensor, Callable[[], str]]
+# (True where the check FAILS: a 0-dim bool tensor, or a bool when it was read for free on the CPU;
+# builder of the error message)
+ValueCheck = Tuple[Union[torch.Tensor, bool], Callable[[], str]]
 
 
 def check_tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
@@ -110,7 +111,9 @@ def raise_failed(checks: List[ValueCheck]) -> None:
     call. The message builders run only on failure (they may read more values)."""
     if not checks:
         return
-    flags = torch.stack([bad.reshape(()) for bad, _ in checks]).tolist()
+    pending = [bad.reshape(()) for bad, _ in checks if isinstance(bad, torch.Tensor)]
+    read = iter(torch.stack(pending).tolist() if len(pending) > 1 else [bool(b) for b in pending])
+    flags = [next(read) if isinstance(bad, torch.Tensor) else bad for bad, _ in checks]
     for failed, (_, message) in zip(flags, checks):
         if failed:
             raise ValueError(message())

@@ -5,6 +5,7 @@ chunks unbiased: W. Kool, H. van Hoof, M. Welling, "Stochastic Beams and Where t
 Them" (ICML 2019) and "Estimating Gradients for Discrete Random Variables by Sampling
 without Replacement" (ICLR 2020).
 """
+import math
 import numbers
 from typing import List, Optional, Sequence, Union
 
@@ -32,13 +33,14 @@ def _check_budget(budget, C: int) -> int:
 
 def _weights_check(name: str, weights: torch.Tensor) -> ValueCheck:
     """Value check: every weight finite and >= 0, from one min/max reduction (NaN propagates into both)."""
-    if weights.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=weights.device), str
-    low, high = torch.aminmax(weights)
-
     def message() -> str:
         where = first_position(~(torch.isfinite(weights) & (weights >= 0)))
         return f"{name} must be finite and >= 0, found {weights[where].item()} at {list(where)}"
+    if weights.numel() == 0:
+        return False, message
+    low, high = torch.aminmax(weights)
+    if weights.device.type == "cpu":  # read now: no device to wait for
+        return not (low.item() >= 0 and high.item() < math.inf), message
     return ~((low >= 0) & (high < torch.inf)), message
 
 

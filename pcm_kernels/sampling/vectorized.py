@@ -21,19 +21,24 @@ def race_weights(weights: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     same value as the float64 quotient rounded to float32 (double rounding is innocuous for
     division when 53 >= 2 * 24 + 2). ``weights``: float [N, C]; ``eligible``: bool [N, C].
     """
+    return torch.where(eligible, _eligible_race_weights(weights, eligible), 0.0)
+
+
+def _eligible_race_weights(weights: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """``race_weights`` where ``eligible``; elsewhere unspecified (the draw reads only eligible entries)."""
     wide = torch.float64 if weights.dtype == torch.float64 else torch.float32
-    masked = torch.where(eligible, weights.to(wide), 0.0)
+    masked = torch.where(eligible, weights if weights.dtype == wide else weights.to(wide), 0.0)
     if masked.shape[1] == 0:
         return masked.to(torch.float32)
-    # a row with no eligible weight divides 0 by the smallest positive float: 0, masked anyway
-    top = masked.amax(1, keepdim=True).clamp_(min=_SMALLEST_POSITIVE[wide])
-    ratio = masked.div_(top).to(torch.float32).clamp_(min=MIN_RACE_WEIGHT)
-    return torch.where(eligible, ratio, 0.0)
+    # a row with no eligible weight divides 0 by the smallest positive float: 0, not eligible anyway
+    ratio = masked.div_(masked.amax(1, keepdim=True).clamp_(min=_SMALLEST_POSITIVE[wide]))
+    return (ratio if wide == torch.float32 else ratio.to(torch.float32)).clamp_(min=MIN_RACE_WEIGHT)
 
 
 def race_keys(weights: torch.Tensor, eligible: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """float32 [N, C] keys ``-log(1 - u) / w`` (finite) of the race weights ``w``, ``inf`` where not eligible."""
-    keys = torch.log(1.0 - uniforms).div_(weights.to(torch.float32)).neg_().clamp_(max=MAX_KEY)
+    weights = weights if weights.dtype == torch.float32 else weights.to(torch.float32)
+    keys = torch.log(1.0 - uniforms).div_(weights).neg_().clamp_(max=MAX_KEY)
     return torch.where(eligible, keys, torch.inf)
 
 
@@ -47,8 +52,10 @@ def smallest_keys(keys: torch.Tensor, eligible: torch.Tensor, budget: int) -> to
         out[:, :C] = smallest_keys(keys, eligible, C)
         return out
     smallest = torch.topk(keys, budget, dim=1, largest=False, sorted=False)
-    # a row with fewer than `budget` eligible chunks picks some inf keys: they sort last as C, then read -1
-    index = smallest.indices.masked_fill_(smallest.values == torch.inf, C).sort(dim=1).values
+    short = smallest.values == torch.inf  # picks past a row's eligible chunks (it has fewer than `budget`)
+    if not short.any():
+        return smallest.indices.sort(dim=1).values
+    index = smallest.indices.masked_fill_(short, C).sort(dim=1).values  # they sort last as C, then read -1
     return index.masked_fill_(index == C, -1)
 
 
@@ -62,7 +69,7 @@ def threshold(keys: torch.Tensor, budget: int) -> torch.Tensor:
 
 def ht_weights(weights: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, budget: int) -> torch.Tensor:
     """float32 [N, budget] ``1 / q_c`` at the kept ``index`` entries, ``q_c = 1 - exp(-w_c tau)`` with
-    ``w_c`` the race weight (``weights``: ``race_weights``' float32 [N, C]).
+    ``w_c`` the race weight (``weights``: ``race_weights``' float32 [N, C]; only kept entries are read).
 
     Exactly 1.0 where the threshold ``tau`` is ``inf`` (the row kept all its eligible chunks),
     0.0 at the -1 padding, at most ``MAX_KEY`` (``q_c`` underflowing to 0).
@@ -80,12 +87,12 @@ def ht_weights(weights: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, b
 
 def sample(weights, eligible, budget, uniforms) -> torch.Tensor:
     """Plackett-Luce draw of ``budget`` chunks per row from float uniforms [N, C] in [0, 1)."""
-    return smallest_keys(race_keys(race_weights(weights, eligible), eligible, uniforms), eligible, budget)
+    return smallest_keys(race_keys(_eligible_race_weights(weights, eligible), eligible, uniforms), eligible, budget)
 
 
 def sample_with_weights(weights, eligible, budget, uniforms):
     """``sample`` plus the threshold (Horvitz-Thompson) weights: ``(index int64, ht float32)``, both [N, budget]."""
-    raced = race_weights(weights, eligible)
+    raced = _eligible_race_weights(weights, eligible)
     keys = race_keys(raced, eligible, uniforms)
     index = smallest_keys(keys, eligible, budget)
     return index, ht_weights(raced, keys, index, budget)
