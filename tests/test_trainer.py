@@ -520,3 +520,18 @@ def test_rollout_threads_follow_the_env_workers(monkeypatch):
     assert rollout_threads(load_config(["env.policy_threads=3"]), Pool(), cpu) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert rollout_threads(load_config([]), Pool(), cpu) == 1  # 2 cores per rank, both taken: at least 1
+
+
+def test_freed_envs_take_a_waiting_episode_of_their_own_task_first():
+    """A freed env takes the first waiting episode of the task it is built for (no simulator rebuild), else the
+    first waiting; in order when the draws depend on the order (one shared generator)."""
+    from pcm_train.training.rollout import _next_episodes
+
+    episodes = [Episode(task, 0, str(i)) for i, task in enumerate([0, 1, 2, 3, 2, 1, 0, 4])]
+    waiting = [3, 4, 5, 6, 7]
+    assert _next_episodes(waiting, [1, 9], episodes, any_order=True) == [5, 3]
+    assert waiting == [4, 6, 7]
+    waiting = [3, 4, 5, 6, 7]
+    assert _next_episodes(waiting, [1, 9], episodes, any_order=False) == [3, 4] and waiting == [5, 6, 7]
+    waiting = [7]
+    assert _next_episodes(waiting, [0, 1], episodes, any_order=True) == [7] and waiting == []  # fewer than envs

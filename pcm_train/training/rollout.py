@@ -203,7 +203,7 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
             torch.set_num_threads(policy_threads)
         batch = _collect(policy, pool, episodes, max_chunks=max_chunks, temperature=temperature, greedy=greedy,
                          generator=generator, desc=desc, should_stop=should_stop, gripper_signal=gripper_signal,
-                         stats=stats, pipeline=pipeline if greedy or all(seeded) else 1)
+                         stats=stats, pipeline=pipeline, any_order=greedy or all(seeded))
     finally:
         torch.set_num_threads(threads)
     stats.wall_s += time.perf_counter() - started
@@ -216,10 +216,15 @@ def collect_rollouts(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_
 
 def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: int, temperature: float,
              greedy: bool, generator: torch.Generator | None, desc: str, should_stop, gripper_signal: str,
-             stats: RolloutStats, pipeline: int) -> DataProto:
+             stats: RolloutStats, pipeline: int, any_order: bool) -> DataProto:
     """The engine of ``collect_rollouts``: ``min(pool.num_slots, E)`` positions in flight, each refilled
-    with the batch's next episode as soon as its episode ends; with ``pipeline`` > 1 their worker groups
-    step one chunk each, independently, the policy acting for a group as soon as its chunk comes back."""
+    with a waiting episode as soon as its episode ends; with ``pipeline`` > 1 their worker groups step one
+    chunk each, independently, the policy acting for a group as soon as its chunk comes back.
+
+    ``any_order``: the episodes' draws do not depend on the order they run in (own streams, or greedy). Then
+    the groups are pipelined, and a freed env takes the first waiting episode of the task it is built for
+    (a task switch rebuilds the simulator) before the first waiting one; otherwise episodes start in order,
+    one chunk in flight."""
     cfg = policy.config
     L, D = cfg.action_chunk, cfg.action_dim
     A, C, E = L * D, max_chunks, len(episodes)
@@ -236,7 +241,7 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
     _check_languages(observations, languages, at)
     with _Clock(stats, "policy_s"):
         current = policy.observations_to_inputs(observations)
-    groups = pipeline_groups(pool, pipeline)
+    groups = pipeline_groups(pool, pipeline if any_order else 1)
     chunks = pool if groups is not None else _OneChunkAtATime(pool)
     group_of = np.asarray(groups if groups is not None else [0] * S)
     streams = [torch.Generator().manual_seed(e.seed) for e in episodes] if episodes[0].seed is not None else None
@@ -248,7 +253,7 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
     complete = torch.zeros(E, dtype=torch.bool)
     env_actions = np.zeros((S, L, D), dtype=np.float64)
     in_flight: dict[int, tuple] = {}  # group -> (pending chunk, its positions)
-    waiting = S  # the next episode to start
+    waiting = list(range(S, E))  # episodes not started yet, in order
     policy.eval()
     progress = tqdm(total=E, desc=desc, leave=False, unit="episode")
 
@@ -273,8 +278,7 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
 
     def settle(group: int, result, rows: np.ndarray) -> None:
         """Record the group's chunk, start the batch's next episodes at the positions whose episodes ended."""
-        nonlocal waiting
-        ended = []
+        ended, ended_tasks = [], []
         for p in rows:
             e, k = at[p], chunk[p]
             executed = int(result.steps[p])
@@ -284,15 +288,15 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
             chunk[p] += 1
             if result.terminated[p] or result.truncated[p] or chunk[p] == C:
                 ended.append(p)
+                ended_tasks.append(episodes[e].task_id)
                 at[p] = -1
         progress.update(len(ended))
         continuing = [p for p in rows if at[p] >= 0]
         if continuing:
             with _Clock(stats, "policy_s"):
                 current[continuing] = policy.observations_to_inputs([result.obs[p] for p in continuing])
-        if ended and waiting < E:
-            starting = list(range(waiting, min(E, waiting + len(ended))))
-            waiting += len(starting)
+        if ended and waiting:
+            starting = _next_episodes(waiting, ended_tasks, episodes, any_order)
             with _Clock(stats, "wait_s"):
                 placed, observations = pool.refill(ended, [(episodes[e].task_id, episodes[e].init_state_id)
                                                            for e in starting])
@@ -324,6 +328,17 @@ def _collect(policy, pool: EnvPool, episodes: Sequence[Episode], *, max_chunks: 
     non_tensors = {"uid": uid, "task_id": np.array([e.task_id for e in episodes]),
                    "init_state_id": np.array([e.init_state_id for e in episodes])}
     return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+
+
+def _next_episodes(waiting: list[int], tasks: list[int], episodes: Sequence[Episode], any_order: bool) -> list[int]:
+    """Take (from ``waiting``, in place) the episodes to start at envs freed on ``tasks``: per env the first
+    waiting episode of its task if ``any_order`` and there is one, else the first waiting."""
+    starting = []
+    for task in tasks[:len(waiting)]:
+        same = next((e for e in waiting if episodes[e].task_id == task), None) if any_order else None
+        starting.append(waiting[0] if same is None else same)
+        waiting.remove(starting[-1])
+    return starting
 
 
 def _check_languages(observations: list[dict], languages: list[str], episodes) -> None:
