@@ -24,7 +24,8 @@ the JSON).
 
 Micro-batches: without ``--micro-batch``/``--micro-batch-chunks`` every mode runs at its own fastest
 micro-batch: one update at each candidate (1, 2, 4, ... trajectories up to the optimizer step's, those
-whose memory estimate fits), the fastest is kept for the timed repeats. Padding makes large
+whose memory estimate fits), the fastest is kept for the timed repeats. With ``--real-size`` every mode
+runs the memory plan's micro-batch instead (a 7B update per candidate costs too much to search). Padding makes large
 micro-batches slow for ``full`` and cheap for ``pcm`` (whose kept rows are all alike in length), so one
 fixed micro-batch for both would move the ratio. The output names each mode's micro-batch and the
 token ratio (tokens forwarded by ``full`` / by ``pcm``; every chunk row forwards the same prompt,
@@ -424,7 +425,7 @@ def memory_plan(args, *, probe: ActivationProfile | None = None) -> dict:
             notes.append("no micro-batch fits, not even one chunk: the weights, optimizer state and batch alone "
                          f"are estimated at {(est.weights + est.trainable_state + est.batch) / GIB:.1f} GiB")
     candidates = [args.micro_batch]
-    if fits and not args.micro_batch_given and not args.micro_batch_chunks:
+    if fits and not args.micro_batch_given and not args.micro_batch_chunks and not args.real_size:
         candidates = [m for m in micro_batch_candidates(args.ppo_mini_batch * args.group_size)
                       if limit is None or estimate(m * args.chunks).total() <= limit]
         est = estimate(candidates[-1] * args.chunks)
