@@ -138,5 +138,5 @@ def nan_check(name: str, value: torch.Tensor, note: str = "") -> ValueCheck:
         return (f"{name} must not contain NaN, found {int(nan.sum())} NaN value(s), the first at "
                 f"{list(first_position(nan))}{note}")
     if value.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=value.device), message
+        return False, message
     return value.amax().isnan(), message  # NaN propagates through the max: one reduction, no mask

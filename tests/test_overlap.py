@@ -12,7 +12,7 @@ from pcm_train.training.metrics_log import read_metrics
 from pcm_train.training.trainer import Trainer
 
 from fake_env import fake_pool_factory
-from test_trainer import TINY, _assert_same_runs, _outcome
+from test_trainer import TINY, _assert_same_runs, _outcome, _stop_in_validation
 
 OVERLAP = "trainer.overlap=true"
 CLOSE_STEPS = 36  # the fake envs' successes vary within groups from step 1 on: the updates change the weights
@@ -120,14 +120,7 @@ def test_ctrl_c_saves_the_last_update_and_the_resume_equals_a_straight_run(tmp_p
 
         first._roll_ahead = stop_then_roll_ahead
     else:
-        validation_episodes = first.val_episodes
-
-        def stop_in_step_1():
-            if first.step == 1:
-                first._request_stop(None, None)
-            return validation_episodes()
-
-        first.val_episodes = stop_in_step_1
+        _stop_in_validation(first, 1)
     assert first.run() is False
     first.close()
     assert latest_checkpoint(first.run_dir).name == "step_000001"

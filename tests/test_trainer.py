@@ -323,6 +323,18 @@ def _assert_same_runs(straight, resumed):
         assert torch.equal(a, b), name
 
 
+def _stop_in_validation(trainer, step: int) -> None:
+    """Ctrl-C arrives while ``trainer`` validates step ``step`` (its update is done)."""
+    validation_episodes = trainer.val_episodes
+
+    def stopping():
+        if trainer.step == step:
+            trainer._request_stop(None, None)
+        return validation_episodes()
+
+    trainer.val_episodes = stopping
+
+
 def test_stop_during_validation_saves_the_step_it_validates(tmp_path):
     """Ctrl-C during a validation (the step's update is done): the validation runs to its end and the step
     is saved with it; a resume continues exactly like an uninterrupted run."""
@@ -331,14 +343,7 @@ def test_stop_during_validation_saves_the_step_it_validates(tmp_path):
     assert straight.run()
     straight.close()
     first = _trainer(tmp_path, *settings, name="resumed")
-    validation_episodes = first.val_episodes
-
-    def stop_in_step_1():
-        if first.step == 1:
-            first._request_stop(None, None)
-        return validation_episodes()
-
-    first.val_episodes = stop_in_step_1
+    _stop_in_validation(first, 1)
     assert first.run() is False
     first.close()
     assert latest_checkpoint(first.run_dir).name == "step_000001"

@@ -2,11 +2,12 @@
 
 The policy acts once per chunk for the episodes in flight; the env pool executes
 the chunk's L steps in each env (stopping at success) and returns the new
-observations; a position whose episode ended takes the batch's next episode at
-once (continuous refill, no wave barrier). Pipelined (``pipeline_groups`` > 1, on a
+observations; a position whose episode ended takes a waiting episode at once
+(continuous refill, no wave barrier). Pipelined (``pipeline_groups`` > 1, on a
 pool with ``start_chunk``/``wait_any``/``finish_chunk``): the positions are split by
 env worker into groups, and while one group's envs step the policy acts for
-another, so neither the policy nor the envs wait for the slowest of all. Chunks never reached are filled as SimpleVLA-RL does: the
+another, so neither the policy nor the envs wait for the slowest of all. Chunks
+never reached are filled as SimpleVLA-RL does: the
 episode's prompt, a blank observation (zeros), a neutral action token, log-prob 0;
 they are invalid (``finish_step``) and never trained on. Observations become model inputs
 through ``policy.observations_to_inputs`` (images, or states for a state-mode policy).
