@@ -28,7 +28,7 @@ from pcm_train.policies.lora import LoraLanguageModelMixin
 from pcm_train.policies.action_head import (ActionTokensMixin, check_int_tensor as _check_int_tensor,
                                             check_packed_prompts)
 from pcm_train.policies.small_vla import Projector, _check_pixels
-from pcm_train.policies.varlen_attention import ATTENTION_NAME
+from pcm_train.policies.varlen_attention import ATTENTION_NAME, key_padding_mask
 
 # Llama-2 7B: the values OpenVLA's text_config leaves unset.
 LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -372,7 +372,7 @@ class OpenVLAOFT(ActionTokensMixin, LoraLanguageModelMixin, nn.Module):
         sequence, logit_rows = self._assemble(prompt_ids, lengths, pixel_values, chunk_starts, batch * row_len)
         positions = torch.arange(row_len, device=input_ids.device)
         hidden = self._causal_lm().model(inputs_embeds=sequence.view(batch, row_len, -1),
-                                         attention_mask=(positions < (lengths + extra)[:, None]).long(),
+                                         attention_mask=key_padding_mask(lengths + extra, row_len),
                                          position_ids=positions.expand(batch, row_len),
                                          use_cache=False).last_hidden_state
         return self._logits(hidden.flatten(0, 1)[logit_rows], full_vocab)

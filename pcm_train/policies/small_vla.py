@@ -24,7 +24,7 @@ from pcm_train.config import OBSERVATIONS
 from pcm_train.policies.action_head import (ActionTokensMixin, check_int_tensor as _check_int_tensor,
                                             check_packed_prompts)
 from pcm_train.policies.lora import LoraLanguageModelMixin
-from pcm_train.policies.varlen_attention import ATTENTION_NAME
+from pcm_train.policies.varlen_attention import ATTENTION_NAME, key_padding_mask
 
 PAD_ID, BOS_ID, STOP_ID = 0, 1, 2
 BYTE_OFFSET = 3
@@ -335,9 +335,9 @@ class SmallVLA(ActionTokensMixin, LoraLanguageModelMixin, PreTrainedModel):
         sequence, logit_rows = self._assemble(input_ids[real], prompt_chunk, prompt_offset, pixel_values,
                                               chunk_starts, prompt_lengths, batch * row_len)
         positions = torch.arange(row_len, device=input_ids.device)
-        sequence_mask = positions < (prompt_lengths + cfg.num_patches + cfg.num_action_tokens + 1)[:, None]
+        sequence_lengths = prompt_lengths + cfg.num_patches + cfg.num_action_tokens + 1
         hidden = self._causal_lm().model(inputs_embeds=sequence.view(batch, row_len, -1),
-                                         attention_mask=sequence_mask.long(),
+                                         attention_mask=key_padding_mask(sequence_lengths, row_len),
                                          position_ids=positions.expand(batch, row_len),
                                          use_cache=False).last_hidden_state
         return self._action_head(hidden.flatten(0, 1)[logit_rows])

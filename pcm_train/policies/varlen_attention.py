@@ -5,8 +5,10 @@ Importing this module registers ``ATTENTION_NAME`` with transformers' ``Attentio
 boolean mask builder). A ``LlamaModel`` whose config has ``_attn_implementation = ATTENTION_NAME``
 and ``is_causal = False`` then attends bidirectionally:
 
-* padded batch ``[B, L]`` with a 2D padding mask: transformers builds a bidirectional boolean
-  mask (``create_bidirectional_mask``) and ``bidirectional_attention`` runs SDPA with it;
+* padded batch ``[B, L]``: pass ``key_padding_mask(lengths, L)`` (bool [B, 1, 1, L], which transformers
+  passes through as-is) as the model's ``attention_mask`` and ``bidirectional_attention`` runs SDPA with
+  it, broadcast over the queries; a 2D padding mask works too (transformers then builds the full
+  [B, 1, L, L] mask with ``create_bidirectional_mask``: the same result, more work per call);
 * packed sequences ``[1, total]``: pass ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 [M+1]) and
   ``max_length_q``/``max_length_k`` (int) as keyword arguments of the model call (transformers
   forwards them to every attention layer) and no attention mask; each chunk attends only to itself.
@@ -64,6 +66,13 @@ def _check_packed_shapes(query, key, value, cu_seqlens):
             or cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be an int32 tensor [M+1] with M >= 1, got "
                          f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+
+
+def key_padding_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of ``width`` tokens whose first ``lengths`` (int [B]) are real -> the attention mask bool
+    [B, 1, 1, width] (True = attend to that key). Query rows past a row's length attend to its real keys and
+    are discarded by the caller."""
+    return (torch.arange(width, device=lengths.device) < lengths[:, None])[:, None, None, :]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
@@ -127,7 +136,7 @@ def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     """transformers attention function (``AttentionInterface`` signature), never causal.
 
     query [B, heads, L, d], key/value [B, kv_heads, L, d]; ``attention_mask`` None or bool
-    [B, 1, L, L] (True = attend). With ``cu_seq_lens_q`` the batch must be one packed row
+    [B, 1, L or 1, L] (True = attend; ``key_padding_mask`` builds the second). With ``cu_seq_lens_q`` the batch must be one packed row
     (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
     (this runs once per layer: no device sync), the caller checks the values once with
     ``check_cu_seqlens`` and passes the same ``cu_seq_lens_k`` tensor (or none).
