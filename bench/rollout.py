@@ -18,6 +18,12 @@ per-episode random streams, so every way executes the same actions):
 ``engine_efficiency`` = engine env steps/s ÷ raw env steps/s (medians over ``--repeats``; the three ways
 interleave in each repeat). Prints a table (or ``--json``). Timings taken on a loaded machine are not worth
 recording: run it on an idle one.
+
+CPU accounting: each way also records the CPU seconds (user + system) of this process (the policy, the
+driver's Ray calls and bookkeeping, every thread) and of the env worker processes. ``{way}_cpu_limit`` =
+raw wall ÷ (that CPU ÷ the cores): the efficiency the way would reach if every core were busy all the time
+with the work it did. Where the policy shares the cores with the envs, that work exceeds the raw envs' and
+no schedule beats this limit; ``{way}_core_utilization`` = CPU ÷ (cores × wall) says how close it came.
 """
 from __future__ import annotations
 
@@ -37,6 +43,30 @@ SUITES = {  # trainer preset (the studies' settings) and the shipped SFT policy 
     "metaworld": ("study_metaworld", ROOT / "docs/results/metaworld/init_policy"),
     "libero_object": ("study_libero", ROOT / "pcm_train/assets/libero_object_state_sft"),
 }
+
+
+class CpuClock:
+    """CPU seconds (user + system, every thread) of this process and of the pool's env worker processes."""
+
+    def __init__(self, pool):
+        import psutil
+        import ray
+
+        self.driver = psutil.Process()
+        self.workers = [psutil.Process(pid) for pid in ray.get([w.pid.remote() for w in pool.workers], timeout=60)]
+
+    @staticmethod
+    def _cpu(process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    def read(self) -> dict:
+        """{"driver": s, "env_workers": s summed over the workers}, cumulative."""
+        return {"driver": self._cpu(self.driver), "env_workers": sum(self._cpu(w) for w in self.workers)}
+
+    @staticmethod
+    def spent(before: dict, after: dict) -> dict:
+        return {name: after[name] - before[name] for name in before}
 
 
 class RecordingPool:
@@ -120,37 +150,47 @@ def measure(suite: str, episodes: int, slots: int | None, workers: int | None, r
             raise RuntimeError("the recorded actions do not cover the episodes' steps")
         ways = {"engine": cfg.env.pipeline_groups, "lockstep": 1}
         runs, raws = {way: [] for way in ways}, []
+        clock = CpuClock(pool)
         for _ in range(repeats):
             for way, groups in ways.items():
                 stats = RolloutStats()
+                before = clock.read()
                 again = engine(groups, stats=stats)
+                cpu = clock.spent(before, clock.read())
                 if not torch.equal(again.batch["responses"], first.batch["responses"]):
                     raise RuntimeError(f"the {way} rollout differs from the warm-up one: the engine is not "
                                        "deterministic for fixed episode seeds")
-                runs[way].append(stats)
+                runs[way].append((stats, cpu))
+            before = clock.read()
             raws.append(pool.run_open_loop([(e.task_id, e.init_state_id) for e in batch], actions,
                                            cfg.rollout.action_chunk))
+            raws[-1]["cpu_s"] = clock.spent(before, clock.read())
         steps = int(first.batch["finish_step"].sum())
         if any(r["steps"] != steps for r in raws):
             raise RuntimeError("the open-loop replay executed a different number of env steps")
         raw_rate = statistics.median(r["steps"] / r["wall_s"] for r in raws)
+        raw_mid = sorted(raws, key=lambda r: r["wall_s"])[len(raws) // 2]
+        cores = os.cpu_count()
         result = {
             "suite": suite, "episodes": len(batch), "env_steps": steps, "workers": len(pool.workers),
             "slots": pool.num_slots, "pipeline_groups": cfg.env.pipeline_groups, "policy_threads": threads,
             "repeats": repeats, "cpu_count": os.cpu_count(), "raw_env_steps_per_s": raw_rate,
-            "raw_wall_s": statistics.median(r["wall_s"] for r in raws),
+            "raw_wall_s": statistics.median(r["wall_s"] for r in raws), "raw_cpu_s": raw_mid["cpu_s"],
             "success_rate": float(first.batch["complete"].float().mean()),
         }
         for way, timed in runs.items():
-            rate = statistics.median(s.env_steps / s.wall_s for s in timed)
-            mid = sorted(timed, key=lambda s: s.wall_s)[len(timed) // 2]
+            rate = statistics.median(s.env_steps / s.wall_s for s, _ in timed)
+            mid, mid_cpu = sorted(timed, key=lambda run: run[0].wall_s)[len(timed) // 2]
             prefix = "engine" if way == "engine" else way
             result.update({
                 f"{prefix}_env_steps_per_s": rate, f"{prefix}_efficiency": rate / raw_rate,
                 f"{prefix}_wall_s": mid.wall_s,
                 f"{prefix}_split_s": {"policy": mid.policy_s, "waiting_on_envs": mid.wait_s,
                                       "other": mid.wall_s - mid.policy_s - mid.wait_s},
-                f"{prefix}_env_busy_fraction": mid.metrics().get("rollout/env_busy_fraction")})
+                f"{prefix}_env_busy_fraction": mid.metrics().get("rollout/env_busy_fraction"),
+                f"{prefix}_cpu_s": mid_cpu,
+                f"{prefix}_cpu_limit": result["raw_wall_s"] / (sum(mid_cpu.values()) / cores),
+                f"{prefix}_core_utilization": sum(mid_cpu.values()) / (cores * mid.wall_s)})
         return result
     finally:
         pool.close()
@@ -162,17 +202,20 @@ def format_table(result: dict) -> str:
         f"{result['env_steps']} env steps, {result['workers']} env workers, {result['slots']} env slots, "
         f"{result['cpu_count']} cores, policy on {result['policy_threads']} torch thread(s), median of "
         f"{result['repeats']}",
-        "| way | env steps/s | wall s | efficiency | policy s | waiting on envs s | envs busy |", "|---|---|---|---|---|---|---|",
+        "| way | env steps/s | wall s | efficiency | policy s | waiting on envs s | envs busy | CPU s: driver + env "
+        "workers | CPU limit | cores busy |", "|---|---|---|---|---|---|---|---|---|---|",
         f"| raw envs (no policy, no coordination) | {result['raw_env_steps_per_s']:.0f} | {result['raw_wall_s']:.2f} "
-        "| 1 | | | |"]
+        f"| 1 | | | | {result['raw_cpu_s']['driver']:.2f} + {result['raw_cpu_s']['env_workers']:.2f} | | |"]
     for prefix, name in (("engine", f"trainer's engine ({result['pipeline_groups']} worker groups in flight)"),
                          ("lockstep", "lockstep engine (one chunk in flight)")):
         split = result[f"{prefix}_split_s"]
-        busy = result[f"{prefix}_env_busy_fraction"]
+        busy, cpu = result[f"{prefix}_env_busy_fraction"], result[f"{prefix}_cpu_s"]
         lines.append(f"| {name} | {result[f'{prefix}_env_steps_per_s']:.0f} | {result[f'{prefix}_wall_s']:.2f} | "
                      f"{result[f'{prefix}_efficiency']:.2f} | {split['policy']:.2f} | {split['waiting_on_envs']:.2f} | "
-                     f"{busy if busy is None else f'{busy:.0%}'} |")
-    lines.append(f"engine_efficiency = {result['engine_efficiency']:.2f}")
+                     f"{busy if busy is None else f'{busy:.0%}'} | {cpu['driver']:.2f} + {cpu['env_workers']:.2f} | "
+                     f"{result[f'{prefix}_cpu_limit']:.2f} | {result[f'{prefix}_core_utilization']:.0%} |")
+    lines.append(f"engine_efficiency = {result['engine_efficiency']:.2f} (CPU limit {result['engine_cpu_limit']:.2f}: "
+                 "the efficiency with every core busy on the work the engine did)")
     return "\n".join(lines)
 
 

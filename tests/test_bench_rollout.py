@@ -49,3 +49,9 @@ def test_bench_rollout_replays_the_engines_episodes_open_loop():
         assert 0 < result[f"{way}_efficiency"] < 5
         split = result[f"{way}_split_s"]
         assert split["policy"] > 0 and split["waiting_on_envs"] > 0 and 0 < result[f"{way}_env_busy_fraction"] <= 1
+        cpu = result[f"{way}_cpu_s"]
+        assert cpu["driver"] > 0 and cpu["env_workers"] > 0
+        assert result[f"{way}_cpu_limit"] == pytest.approx(
+            result["raw_wall_s"] / ((cpu["driver"] + cpu["env_workers"]) / result["cpu_count"]))
+        assert 0 < result[f"{way}_core_utilization"] <= 1.05  # CPU clocks tick in 10 ms steps
+    assert result["raw_cpu_s"]["env_workers"] > 0
