@@ -165,3 +165,14 @@ def test_write_study_puts_intervals_and_claims_in_json_and_page(tmp_path):
     assert "## Paired differences" in text and "## Claims" in text and "## Success at fixed steps" in text
     assert "| pcm | " in text.split("## Paired differences")[1] and "(a) GRPO learns" in text
     assert "## Table 1 analogue" in text and "## Cost of a step" in text
+
+
+def test_format_interval_shows_what_the_seeds_support():
+    from pcm_train.tools.study_stats import format_interval
+
+    assert format_interval({"mean": 0.1234, "low": -0.01, "high": 0.25}) == "+0.123 [-0.010, +0.250]"
+    assert format_interval({"mean": 0.5, "low90": 0.4, "high90": 0.6, "low": 0.0, "high": 1.0}, ".2f",
+                           low="low90", high="high90") == "0.50 [0.40, 0.60]"
+    assert format_interval({"mean": 0.2, "low": float("nan"), "high": float("nan")}) == "+0.200"  # one seed
+    assert format_interval({"mean": float("nan"), "low": 0.0, "high": 0.0}) == "—"
+    assert format_interval(None) == format_interval({"mean": None}) == "—"

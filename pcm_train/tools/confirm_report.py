@@ -8,7 +8,6 @@ Numbers come from ``confirm_stats``; runs are ``{variant: {seed: metrics rows}}`
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np  # noqa: E402
 from pcm_train.tools.confirm_stats import (CLAIMS, confirm_claims, validation_difference,  # noqa: E402
                                            validation_success)
 from pcm_train.tools.report import save_figure  # noqa: E402
-from pcm_train.tools.study_stats import paired_difference, t_band  # noqa: E402
+from pcm_train.tools.study_stats import format_interval, paired_difference, t_band  # noqa: E402
 from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa: E402
 
 
@@ -56,12 +55,6 @@ def primary_complete(runs, protocol: Protocol) -> list[str]:
             if len(runs.get(v, {}).get(s, [])) < protocol.window[1]]
 
 
-def _ci(d: dict | None, fmt: str = "+.3f", low: str = "low", high: str = "high") -> str:
-    if d is None or d.get("mean") is None or not math.isfinite(d["mean"]):
-        return "—"
-    return f"{d['mean']:{fmt}} [{d[low]:{fmt}}, {d[high]:{fmt}}]"
-
-
 def _p(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
@@ -72,10 +65,10 @@ def claims_table(claims: list[dict]) -> str:
              "| leave-one-seed-out: estimate range; CI bounds range |", "|" + "---|" * 9]
     for c in claims:
         loo = c["leave_one_out"]
-        test = "TOST ±" + f"{c['margin']:g}, 90% CI {_ci(c, low='low90', high='high90')}" \
+        test = "TOST ±" + f"{c['margin']:g}, 90% CI {format_interval(c, low='low90', high='high90')}" \
             if c["alternative"] == "equivalent" else f"one-sided t, H1: {c['alternative']} than 0"
         lines.append(
-            f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {_ci(c)} | {test} | {_p(c['p'])} "
+            f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {format_interval(c)} | {test} | {_p(c['p'])} "
             f"| {'reject' if c['holm']['reject'] else 'keep'} H0 (p ≤ {c['holm']['threshold']:.4f}?) "
             f"| **{c['decision']}** | {_p(c['permutation_p'])} "
             f"| {loo['mean_range'][0]:+.3f} … {loo['mean_range'][1]:+.3f}; low {loo['low_range'][0]:+.3f} … "
@@ -90,7 +83,7 @@ def validation_tables(validation, protocol: Protocol, variants: list[str]) -> tu
     lines = ["| variant | " + " | ".join(f"held-out success after {t} steps [95% CI]" for t in steps) + " | seeds |",
              "|" + "---|" * (len(steps) + 2)]
     for v in variants:
-        cells = [_ci(success[v][str(t)], ".3f") for t in steps]
+        cells = [format_interval(success[v][str(t)], ".3f") for t in steps]
         seeds = max((s["seeds"] for s in success[v].values() if s), default=0)
         lines.append(f"| {v} | {' | '.join(cells)} | {seeds} |")
     last = steps[-1]
@@ -104,9 +97,9 @@ def validation_tables(validation, protocol: Protocol, variants: list[str]) -> tu
         if d is None:
             lines.append(f"| {name} | — | | | | | 0 |")
             continue
-        test = f"TOST ±{protocol.margin:g}, 90% CI {_ci(d, low='low90', high='high90')}" \
+        test = f"TOST ±{protocol.margin:g}, 90% CI {format_interval(d, low='low90', high='high90')}" \
             if d["alternative"] == "equivalent" else "one-sided t, H1: greater than 0"
-        lines.append(f"| {name} | {_ci(d)} | {test} | {_p(d['p'])} | {_p(d['permutation_p'])} "
+        lines.append(f"| {name} | {format_interval(d)} | {test} | {_p(d['p'])} | {_p(d['permutation_p'])} "
                      f"| {min(d['episodes'].values())} | {d['seeds']} |")
     return lines, {"success": success, "secondary": secondary}
 
@@ -125,7 +118,7 @@ def exploratory(runs, validation, protocol: Protocol) -> tuple[list[str], dict]:
             continue
         ds = [paired_difference(runs, variant, reference, b, a) for a, b in windows]
         numbers[f"{variant}-{reference}"] = {f"{a + 1}-{b}": d for (a, b), d in zip(windows, ds)}
-        lines.append(f"| {variant} − {reference} | " + " | ".join(_ci(d) for d in ds) + f" | {ds[0]['seeds']} |")
+        lines.append(f"| {variant} − {reference} | " + " | ".join(format_interval(d) for d in ds) + f" | {ds[0]['seeds']} |")
     last = protocol.validation_steps[-1]
     held = [("random", "full"), ("top_phase", "full")] + [(v, "full") for v in runs if v not in protocol.primary]
     lines += ["", f"Held-out success after {last} steps, paired per episode (exploratory):", "",
@@ -133,7 +126,7 @@ def exploratory(runs, validation, protocol: Protocol) -> tuple[list[str], dict]:
     for variant, reference in held:
         d = validation_difference(validation, variant, reference, last, "less")
         numbers[f"val-{variant}-{reference}"] = d
-        lines.append(f"| {variant} − {reference} | {_ci(d)} | {d['seeds'] if d else 0} |")
+        lines.append(f"| {variant} − {reference} | {format_interval(d)} | {d['seeds'] if d else 0} |")
     return lines, numbers
 
 

@@ -23,7 +23,7 @@ from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.training.metrics_log import read_metrics  # noqa: E402
 from pcm_train.tools.confirm_report import Protocol, collect_validation, confirm_section  # noqa: E402
 from pcm_train.tools.report import save_figure  # noqa: E402
-from pcm_train.tools.study_stats import (claims, curve_band, paired_difference, smoothed,  # noqa: E402
+from pcm_train.tools.study_stats import (claims, curve_band, format_interval, paired_difference, smoothed,  # noqa: E402
                                          success_at, t_band, target_index, to_target, train_seconds)
 
 MIB = 2 ** 20
@@ -122,14 +122,6 @@ def variant_stats(runs, horizon: int, target: float, smooth: int) -> dict[str, d
         "to_target": to_target(runs, variant, target, smooth)} for variant in runs}
 
 
-def _interval(d: dict | None, fmt: str = "+.3f") -> str:
-    """``mean [low, high]``; "—" without paired seeds, the mean alone with one seed."""
-    if d is None or not math.isfinite(d["mean"]):
-        return "—"
-    text = format(d["mean"], fmt)
-    return text + f" [{d['low']:{fmt}}, {d['high']:{fmt}}]" if math.isfinite(d["low"]) else text
-
-
 def paired_table(stats: dict) -> str:
     """Each variant's paired difference of training success to full and to frozen, whole horizon and second half."""
     lines = ["| variant | vs full | vs frozen | vs full, 2nd half | vs frozen, 2nd half | seeds (full / frozen) |",
@@ -137,7 +129,7 @@ def paired_table(stats: dict) -> str:
     for variant, st in stats.items():
         full, frozen = st.get("vs_full"), st.get("vs_frozen")
         seeds = " / ".join("—" if d is None else str(d["horizon"]["seeds"]) for d in (full, frozen))
-        cells = [_interval(d and d[part]) for part in ("horizon", "second_half") for d in (full, frozen)]
+        cells = [format_interval(d and d[part]) for part in ("horizon", "second_half") for d in (full, frozen)]
         lines.append(f"| {variant} | {' | '.join(cells)} | {seeds} |")
     return "\n".join(lines)
 
@@ -147,14 +139,14 @@ def success_table(stats: dict) -> str:
     first = next(iter(stats.values()))["success_at"]
     lines = ["| variant | " + " | ".join(f"after {s['step']} steps" for s in first) + " |",
              "|" + "---|" * (len(first) + 1)]
-    lines += [f"| {variant} | " + " | ".join(_interval(s, ".2f") for s in st["success_at"]) + " |"
+    lines += [f"| {variant} | " + " | ".join(format_interval(s, ".2f") for s in st["success_at"]) + " |"
               for variant, st in stats.items()]
     return "\n".join(lines)
 
 
 def claims_section(claim_list: list[dict]) -> list[str]:
     """One line per claim: the difference it rests on, its interval, seeds and verdict."""
-    return [f"- ({c['id']}) {c['claim']}: {c['variant']} − {c['reference']} = {_interval(c)}, "
+    return [f"- ({c['id']}) {c['claim']}: {c['variant']} − {c['reference']} = {format_interval(c)}, "
             f"{c['seeds']} seed{'' if c['seeds'] == 1 else 's'} → **{c['verdict']}**" for c in claim_list]
 
 

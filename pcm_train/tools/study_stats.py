@@ -162,3 +162,12 @@ def claims(runs, steps: int, first_step: int = 0, margin: float = 0.05, level: f
             "inconclusive (GRPO did not learn)" if learned == "does not hold"
             else "inconclusive (GRPO learning not shown)")
     return out
+
+
+def format_interval(d: dict | None, fmt: str = "+.3f", low: str = "low", high: str = "high") -> str:
+    """``mean [low, high]`` from a dict with "mean" and the ``low`` / ``high`` keys; "—" without a finite mean
+    (no paired seeds), the mean alone without finite bounds (one seed)."""
+    if d is None or d.get("mean") is None or not math.isfinite(d["mean"]):
+        return "—"
+    text = format(d["mean"], fmt)
+    return text + f" [{d[low]:{fmt}}, {d[high]:{fmt}}]" if math.isfinite(d[low]) else text
