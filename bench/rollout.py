@@ -174,7 +174,7 @@ def measure(suite: str, episodes: int, slots: int | None, workers: int | None, r
         result = {
             "suite": suite, "episodes": len(batch), "env_steps": steps, "workers": len(pool.workers),
             "slots": pool.num_slots, "pipeline_groups": cfg.env.pipeline_groups, "policy_threads": threads,
-            "repeats": repeats, "cpu_count": os.cpu_count(), "raw_env_steps_per_s": raw_rate,
+            "repeats": repeats, "cpu_count": cores, "raw_env_steps_per_s": raw_rate,
             "raw_wall_s": statistics.median(r["wall_s"] for r in raws), "raw_cpu_s": raw_mid["cpu_s"],
             "success_rate": float(first.batch["complete"].float().mean()),
         }
