@@ -121,9 +121,8 @@ def _packed_attention(query, key, value, cu_seqlens, max_seqlen, scale, dropout)
         padded = packed.new_zeros(num_chunks, max_seqlen, *packed.shape[1:])
         return padded.index_put((chunk, offset), packed).transpose(1, 2)  # [M, heads, max_len, d]
 
-    key_is_real = torch.arange(max_seqlen, device=query.device) < lengths[:, None]  # [M, max_len]
     out = F.scaled_dot_product_attention(
-        to_padded(query), to_padded(key), to_padded(value), attn_mask=key_is_real[:, None, None, :],
+        to_padded(query), to_padded(key), to_padded(value), attn_mask=key_padding_mask(lengths, max_seqlen),
         dropout_p=dropout, scale=scale, is_causal=False, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)[chunk, offset]
 
@@ -136,8 +135,8 @@ def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     """transformers attention function (``AttentionInterface`` signature), never causal.
 
     query [B, heads, L, d], key/value [B, kv_heads, L, d]; ``attention_mask`` None or bool
-    [B, 1, L or 1, L] (True = attend; ``key_padding_mask`` builds the second). With ``cu_seq_lens_q`` the batch must be one packed row
-    (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
+    [B, 1, L or 1, L] (True = attend; ``key_padding_mask`` builds the second). With ``cu_seq_lens_q``
+    the batch must be one packed row (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
     (this runs once per layer: no device sync), the caller checks the values once with
     ``check_cu_seqlens`` and passes the same ``cu_seq_lens_k`` tensor (or none).
     Returns ([B, L, heads, d], None).

@@ -25,14 +25,15 @@ the JSON).
 Micro-batches: without ``--micro-batch``/``--micro-batch-chunks`` every mode runs at its own fastest
 micro-batch: one update at each candidate (1, 2, 4, ... trajectories up to the optimizer step's, those
 whose memory estimate fits), the fastest is kept for the timed repeats. With ``--real-size`` every mode
-runs the memory plan's micro-batch instead (a 7B update per candidate costs too much to search). Padding makes large
-micro-batches slow for ``full`` and cheap for ``pcm`` (whose kept rows are all alike in length), so one
-fixed micro-batch for both would move the ratio. The output names each mode's micro-batch and the
-token ratio (tokens forwarded by ``full`` / by ``pcm``; every chunk row forwards the same prompt,
-image and action tokens, so it is the ratio of chunks), the ideal the time ratio approaches when the
-update is compute-bound. Activation memory grows with the micro-batch, so the memory reduction is
-taken where every mode runs the same, smallest micro-batch (``activation_memory_micro_batch``). Without checkpointing the 7B shapes keep ~284 KiB per token per layer: one 64-chunk
-trajectory (21,568 tokens x 32 layers) would need ~187 GiB.
+runs the memory plan's micro-batch instead (a 7B update per candidate costs too much to search).
+Padding makes large micro-batches slow for ``full`` and cheap for ``pcm`` (whose kept rows are all
+alike in length), so one fixed micro-batch for both would move the ratio. The output names each mode's
+micro-batch and the token ratio (tokens forwarded by ``full`` / by ``pcm``; every chunk row forwards
+the same prompt, image and action tokens, so it is the ratio of chunks), the ideal the time ratio
+approaches when the update is compute-bound. Activation memory grows with the micro-batch, so the
+memory reduction is taken where every mode runs the same, smallest micro-batch
+(``activation_memory_micro_batch``). Without checkpointing the 7B shapes keep ~284 KiB per token per
+layer: one 64-chunk trajectory (21,568 tokens x 32 layers) would need ~187 GiB.
 """
 from __future__ import annotations
 

@@ -68,7 +68,8 @@ def claims_table(claims: list[dict]) -> str:
         test = "TOST ±" + f"{c['margin']:g}, 90% CI {format_interval(c, low='low90', high='high90')}" \
             if c["alternative"] == "equivalent" else f"one-sided t, H1: {c['alternative']} than 0"
         lines.append(
-            f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {format_interval(c)} | {test} | {_p(c['p'])} "
+            f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {format_interval(c)} | {test} "
+            f"| {_p(c['p'])} "
             f"| {'reject' if c['holm']['reject'] else 'keep'} H0 (p ≤ {c['holm']['threshold']:.4f}?) "
             f"| **{c['decision']}** | {_p(c['permutation_p'])} "
             f"| {loo['mean_range'][0]:+.3f} … {loo['mean_range'][1]:+.3f}; low {loo['low_range'][0]:+.3f} … "
@@ -118,7 +119,8 @@ def exploratory(runs, validation, protocol: Protocol) -> tuple[list[str], dict]:
             continue
         ds = [paired_difference(runs, variant, reference, b, a) for a, b in windows]
         numbers[f"{variant}-{reference}"] = {f"{a + 1}-{b}": d for (a, b), d in zip(windows, ds)}
-        lines.append(f"| {variant} − {reference} | " + " | ".join(format_interval(d) for d in ds) + f" | {ds[0]['seeds']} |")
+        lines.append(f"| {variant} − {reference} | " + " | ".join(format_interval(d) for d in ds)
+                     + f" | {ds[0]['seeds']} |")
     last = protocol.validation_steps[-1]
     held = [("random", "full"), ("top_phase", "full")] + [(v, "full") for v in runs if v not in protocol.primary]
     lines += ["", f"Held-out success after {last} steps, paired per episode (exploratory):", "",
