@@ -70,7 +70,7 @@ def claims_table(claims: list[dict]) -> str:
         lines.append(
             f"| ({c['id']}) {c['claim']} | {c['variant']} − {c['reference']} | {format_interval(c)} | {test} "
             f"| {_p(c['p'])} "
-            f"| {'reject' if c['holm']['reject'] else 'keep'} H0 (p ≤ {c['holm']['threshold']:.4f}?) "
+            f"| {'reject' if c['holm']['reject'] else 'keep'} H0 ({c['holm']['threshold']:.4f}) "
             f"| **{c['decision']}** | {_p(c['permutation_p'])} "
             f"| {loo['mean_range'][0]:+.3f} … {loo['mean_range'][1]:+.3f}; low {loo['low_range'][0]:+.3f} … "
             f"{loo['low_range'][1]:+.3f}, high {loo['high_range'][0]:+.3f} … {loo['high_range'][1]:+.3f} |")
