@@ -136,9 +136,9 @@ def bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: t
 
     query [B, heads, L, d], key/value [B, kv_heads, L, d]; ``attention_mask`` None or bool
     [B, 1, L or 1, L] (True = attend; ``key_padding_mask`` builds the second). With ``cu_seq_lens_q``
-    the batch must be one packed row (B = 1, no mask) and attention is block-diagonal over its chunks; only shapes are checked here
-    (this runs once per layer: no device sync), the caller checks the values once with
-    ``check_cu_seqlens`` and passes the same ``cu_seq_lens_k`` tensor (or none).
+    the batch must be one packed row (B = 1, no mask) and attention is block-diagonal over its chunks;
+    only shapes are checked here (this runs once per layer: no device sync), the caller checks the
+    values once with ``check_cu_seqlens`` and passes the same ``cu_seq_lens_k`` tensor (or none).
     Returns ([B, L, heads, d], None).
     """
     if cu_seq_lens_q is None:
