@@ -40,7 +40,6 @@ SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "metawo
 POLICIES = ("small_vla", "openvla_oft")
 OBSERVATIONS = ("image", "state")  # small_vla's observation encoders (docs/state_mode.md)
 NUM_PHASES = 5
-VAL_PLACEMENTS = ("tail", "held_out")  # validation prompts: see EnvSection.val_placements
 
 # Presets are YAML files shipped in pcm_train/configs/<name>.yaml (the same format as --config files).
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
@@ -187,7 +186,12 @@ class TrainerSection:
 
     total_steps: int = 200
     val_every: int = 1  # 0 = never
-    val_episodes: int = 50  # held-out (task, initial state) rollouts per validation, greedy actions
+    # validation (docs/trainer.md, "Validation"): val_episodes episodes for every decoder ("greedy" or
+    # "sample@T") and prompt set ("train", "held_out", or ids such as "40-49"); 0 = every prompt of a set once
+    val_episodes: int = 50
+    val_decoders: list[str] = field(default_factory=lambda: ["greedy", "sample@1.0"])
+    val_sets: list[str] = field(default_factory=lambda: ["held_out"])
+    val_before_train: bool = True  # a fresh run also validates its starting policy (trained_steps 0)
     save_every: int = 10  # 0 = never
     output_dir: Optional[str] = None  # None = a new runs/<date>-<time>-<strategy> directory
     seed: int = 0
@@ -206,7 +210,10 @@ class TrainerSection:
         _at_least(f"{prefix}.total_steps", self.total_steps, 1)
         _at_least(f"{prefix}.val_every", self.val_every, 0)
         _at_least(f"{prefix}.save_every", self.save_every, 0)
-        _at_least(f"{prefix}.val_episodes", self.val_episodes, 1)
+        _at_least(f"{prefix}.val_episodes", self.val_episodes, 0)
+        for key in ("val_decoders", "val_sets"):
+            if not getattr(self, key):
+                raise ConfigError(f"{prefix}.{key} must name at least one entry, got []")
         _at_least(f"{prefix}.num_threads", self.num_threads, 0)
         if self.output_dir is not None and not self.output_dir.strip():
             raise ConfigError(f"{prefix}.output_dir must be a path or null, got an empty string")
@@ -226,9 +233,6 @@ class EnvSection:
     suite: str = "libero_object"
     task_ids: Optional[list[int]] = None  # None = every task of the suite
     val_init_states: int = 10  # the last N of each task's 50 initial states are held out for validation
-    # validation prompts, tasks in turn: "tail" cycles over those last val_init_states states; "held_out"
-    # (MetaWorld) takes each task's 50 extra held-out placements in order, so no episode repeats
-    val_placements: str = "tail"
     camera: bool = True  # False: state observations, no rendering (state-mode policies only)
     num_workers: int = 0  # Ray env workers; 0 = one per CPU core
     max_slots: int = 32  # envs in flight at once over all workers; a bigger batch runs in waves (env reuse)
@@ -247,11 +251,6 @@ class EnvSection:
         if self.task_ids is not None and (not self.task_ids or min(self.task_ids) < 0):
             raise ConfigError(f"{prefix}.task_ids must be null or a non-empty list of ids >= 0, got {self.task_ids}")
         _within(f"{prefix}.val_init_states", self.val_init_states, 1, 49)
-        _one_of(f"{prefix}.val_placements", self.val_placements, VAL_PLACEMENTS)
-        if self.val_placements == "held_out" and self.suite != "metaworld":
-            raise ConfigError(f"{prefix}.val_placements=held_out needs extra held-out placements "
-                              f"({prefix}.suite=metaworld), got {prefix}.suite={self.suite}; use "
-                              f"{prefix}.val_placements=tail")
         _at_least(f"{prefix}.num_workers", self.num_workers, 0)
         _at_least(f"{prefix}.max_slots", self.max_slots, 1)
         _above(f"{prefix}.step_timeout_s", self.step_timeout_s, 0.0)

@@ -28,13 +28,14 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
     "policy": {"name": "small_vla", "path": None, "hidden_size": 64, "num_layers": 2, "image_size": 32,
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
-        "total_steps": 200, "val_every": 1, "val_episodes": 50, "save_every": 10, "output_dir": None, "seed": 0,
+        "total_steps": 200, "val_every": 1, "val_episodes": 50, "val_decoders": ["greedy", "sample@1.0"],
+        "val_sets": ["held_out"], "val_before_train": True, "save_every": 10, "output_dir": None, "seed": 0,
         "device": "auto", "num_threads": 0, "overwrite": False, "allow_partial_log": False, "overlap": False,
         "loggers": ["tensorboard"],
         "wandb_project": "pcm", "wandb_mode": None,
     },
     "env": {
-        "suite": "libero_object", "task_ids": None, "val_init_states": 10, "val_placements": "tail", "camera": True, "num_workers": 0, "max_slots": 32,
+        "suite": "libero_object", "task_ids": None, "val_init_states": 10, "camera": True, "num_workers": 0, "max_slots": 32,
         "ray_address": None, "step_timeout_s": 120.0, "ray_dashboard": False, "pipeline_groups": 2, "policy_threads": 0,
     },
     "resume": None,

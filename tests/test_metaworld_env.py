@@ -493,30 +493,48 @@ def test_demos_reject_grasp_noise_for_metaworld(tmp_path):
 
 # ----- evaluating a saved policy -----
 
-def test_evaluate_rolls_out_held_out_placements_in_waves(tmp_path):
-    """pcm_train.evaluate on MetaWorld: held-out placements 40.., episodes through 1-slot waves, per-task counts,
-    the JSON file; a bad policy path is refused naming the key."""
-    from pcm_train.config import ConfigError
-    from pcm_train.policies.small_vla import SmallVLA, SmallVLAConfig
+def test_evaluate_repeats_the_trainers_validation_episode_by_episode(tmp_path):
+    """A one-step MetaWorld run validates greedy and sample@1.6 on held-out and training placements before
+    and after its step; ``pcm_train.evaluate runs=`` re-evaluates the policies the run kept (its start and
+    step 1) on fresh env workers with another slot count and gets every record the trainer wrote, episode by
+    episode; ``policy=`` prints the table and ``before=/after=`` pairs the two policies' episodes."""
+    from pcm_train.config import load_config
     from pcm_train.tools import evaluate
+    from pcm_train.training.metrics_log import read_metrics
+    from pcm_train.training.trainer import Trainer, make_env_pool
 
-    torch.manual_seed(0)
-    SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32,
-                            observation="state", state_dim=STATE_DIM)).save_pretrained(str(tmp_path / "policy"))
-    assert evaluate.main([f"policy={tmp_path / 'policy'}", "suite=metaworld", "tasks=[1,3]", "per_task=2",
-                          "max_chunks=2", "workers=1", "max_slots=1", f"json={tmp_path / 'eval.json'}"]) == 0
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["tasks"] == {"1": [0, 2], "3": [0, 2]}  # 16 random steps never succeed
-    assert result["success"] == 0.0 and result["interval"][0] == 0.0 and 0.3 < result["interval"][1] < 0.5
-    with pytest.raises(ConfigError, match="policy=DIR"):
-        evaluate.parse_args([f"policy={tmp_path}", "suite=metaworld"])
-    with pytest.raises(ConfigError, match=r"tasks must be .* in \[0, 4\)"):
-        evaluate.parse_args([f"policy={tmp_path / 'policy'}", "suite=metaworld", "tasks=[4]"])
-
-
-def test_wilson_interval():
-    from pcm_train.tools.evaluate import wilson_interval
-
-    low, high = wilson_interval(8, 20)  # Wilson's 95% interval for 8 / 20: 0.219-0.613
-    assert abs(low - 0.2188) < 1e-3 and abs(high - 0.6134) < 1e-3
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    run = tmp_path / "runs" / "full" / "seed3"
+    cfg = load_config(["preset=metaworld", "rollout.prompts_per_step=1", "rollout.group_size=2",
+                       "rollout.max_chunks=3", "pcm.budget=2", "trainer.total_steps=1", "trainer.val_every=1",
+                       "trainer.val_episodes=4", "trainer.val_decoders=[greedy,sample@1.6]",
+                       "trainer.val_sets=[held_out,train]", "trainer.seed=3", "env.task_ids=[1,3]",
+                       "env.num_workers=1", "env.max_slots=4", "policy.hidden_size=16", "policy.num_layers=1",
+                       f"trainer.output_dir={run}"])
+    trainer = Trainer(cfg, make_env_pool)
+    try:
+        assert trainer.run()
+    finally:
+        trainer.close()
+    validation = read_metrics(run / "validation.jsonl")
+    assert len(validation) == 2 * 2 * 2 * 4
+    options = ["decoders=[greedy,sample@1.6]", "sets=[held_out,train]", "episodes=4", "workers=1", "max_slots=3"]
+    assert evaluate.main([f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'eval'}", *options]) == 0
+    for steps in (0, 1):
+        result = json.loads((tmp_path / "eval" / "full" / "seed3" / f"step{steps}.json").read_text())
+        trained = [{k: v for k, v in r.items() if k not in ("step", "trained_steps")}
+                   for r in validation if r["trained_steps"] == steps]
+        assert result["records"] == trained and result["seed"] == 3 and result["tasks"] == [1, 3]
+        assert result["summary"]["held_out"]["greedy"]["episodes"] == 4
+    assert [r["placement"] for r in trained[:4]] == [50, 50, 51, 51]
+    assert [r["placement"] for r in trained[4:8]] == [0, 0, 1, 1]
+    before, after = run / "base_policy", run / "checkpoints" / "step_000000" / "policy"
+    shared = ["suite=metaworld", "tasks=[1,3]", "max_chunks=3", "seed=3", *options]
+    assert evaluate.main([f"policy={after}", *shared, f"json={tmp_path / 'one.json'}"]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["records"] == trained and set(one["summary"]) == {"held_out", "train"}
+    assert evaluate.main([f"before={before}", f"after={after}", *shared, f"json={tmp_path / 'pair.json'}"]) == 0
+    pair = json.loads((tmp_path / "pair.json").read_text())
+    assert pair["after"]["records"] == trained and len(pair["paired"]) == 4
+    for cell in pair["paired"]:
+        assert cell["episodes"] == 4 and cell["interval"][0] <= cell["difference"] <= cell["interval"][1]
+        assert cell["difference"] == pytest.approx(cell["after"] - cell["before"])

@@ -24,7 +24,7 @@ def test_real_libero_run_then_resume(tmp_path, capsys):
     assert run.main([f"resume={out}", "trainer.total_steps=2"]) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
-    assert rows[1]["val/success_rate"] is not None and 0 < rows[0]["episode_steps_mean"] <= 24
+    assert rows[1]["val/held_out/greedy/success_rate"] is not None and 0 < rows[0]["episode_steps_mean"] <= 24
     assert {"update_time_s", "rollout_time_s", "success_rate"} <= set(rows[0])
     state = load_trainer_state(latest_checkpoint(out))
     assert state["step"] == 1 and state["controller"]["steps_done"] == 2

@@ -109,7 +109,7 @@ def test_one_trainer_step_in_state_mode_on_the_fake_pool(tmp_path):
     assert trainer.run()
     trainer.close()
     rows = read_metrics(trainer.run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0] and rows[0]["chunks_kept"] > 0 and "val/success_rate" in rows[0]
+    assert [r["step"] for r in rows] == [0] and rows[0]["chunks_kept"] > 0 and "val/held_out/greedy/success_rate" in rows[0]
     assert rows[0]["advantage/nonzero_fraction"] > 0 and rows[0]["actor/grad_norm"] > 0
     assert trainer.policy.config.observation == "state"
 

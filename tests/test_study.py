@@ -166,9 +166,9 @@ def test_confirm_suite_is_the_metaworld_study_with_the_protocols_horizon_and_val
     changed = {(section, key) for section in a if isinstance(a[section], dict)
                for key in a[section] if a[section][key] != b[section][key]}
     assert changed == {("trainer", "total_steps"), ("trainer", "val_every"), ("trainer", "val_episodes"),
-                       ("env", "val_placements"), ("trainer", "output_dir")}
+                       ("trainer", "output_dir")}
     assert (confirm.trainer.total_steps, confirm.trainer.val_every, confirm.trainer.val_episodes) == (80, 40, 200)
-    assert confirm.env.val_placements == "held_out"
+    assert confirm.trainer.val_sets == ["held_out"]
     unbiased = load_config(study.run_overrides(options, "pcm_unbiased", 3, extra))
     assert (unbiased.pcm.strategy, unbiased.pcm.budget, unbiased.pcm.estimator) == ("pcm", 12, "unbiased")
     order = study.run_order(options)

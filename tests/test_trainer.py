@@ -203,7 +203,8 @@ def test_two_steps_write_metrics_checkpoint_and_report(tmp_path, strategy):
                 "rollout/policy_s", "rollout/wait_s", "rollout/env_steps_per_s",
                 "activation_bytes", "pcm/keep_prob/active_grip", "pcm/kept_per_traj/active_grip", "actor/pg_loss"):
         assert key in rows[0], key
-    assert "val/success_rate" in rows[1] and "val/success_rate" not in rows[0]
+    for key in ("val/held_out/greedy/success_rate", "val/held_out/sample@1.0/success_rate"):
+        assert key in rows[1] and key not in rows[0]
     if strategy != "full":
         assert rows[0]["chunks_kept"] <= 6 * 2
     assert latest_checkpoint(trainer.run_dir).name == "step_000001"
@@ -245,13 +246,14 @@ def test_validation_outcomes_are_saved_per_episode_and_redone_on_resume(tmp_path
     straight.run()
     straight.close()
     rows = read_metrics(tmp_path / "straight" / "validation.jsonl")
-    assert [(r["step"], r["trained_steps"], r["task"], r["placement"]) for r in rows[:3]] == \
-        [(0, 1, 0, 40), (0, 1, 1, 40), (0, 1, 0, 41)]  # tasks in turn over the last val_init_states states
-    assert [r["step"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
+    assert [(r["step"], r["trained_steps"], r["decoder"], r["task"], r["placement"]) for r in rows[:3]] == \
+        [(-1, 0, "greedy", 0, 40), (-1, 0, "greedy", 1, 40), (-1, 0, "greedy", 0, 41)]  # the start, held out
+    assert [r["step"] for r in rows] == [-1] * 6 + [0] * 6 + [1] * 6 + [2] * 6  # greedy and sample@1.0
     metrics = read_metrics(tmp_path / "straight" / "metrics.jsonl")
-    for step in range(3):  # the step's success rate is the mean of its episodes' outcomes
-        outcomes = [r["success"] for r in rows if r["step"] == step]
-        assert metrics[step]["val/success_rate"] == pytest.approx(np.mean(outcomes))
+    for step in range(3):  # the step's success rates are the means of their episodes' outcomes
+        for decoder in ("greedy", "sample@1.0"):
+            outcomes = [r["success"] for r in rows if r["step"] == step and r["decoder"] == decoder]
+            assert metrics[step][f"val/held_out/{decoder}/success_rate"] == pytest.approx(np.mean(outcomes))
     assert all(isinstance(r["success"], bool) and r["episode_steps"] > 0 for r in rows)
     # interrupted after step 1 with step 2's validation written but not checkpointed: the resume redoes it
     first = _trainer(tmp_path, *val, name="resumed")
@@ -268,26 +270,21 @@ def test_validation_outcomes_are_saved_per_episode_and_redone_on_resume(tmp_path
 
 
 def test_held_out_validation_takes_distinct_placements_no_training_prompt_uses(tmp_path):
-    cfg = load_config(["preset=study_metaworld", "env.val_placements=held_out", "trainer.val_episodes=9",
+    cfg = load_config(["preset=study_metaworld", "trainer.val_episodes=9", "trainer.val_decoders=[greedy]",
                        f"trainer.output_dir={tmp_path / 'run'}", "policy.hidden_size=16", "policy.num_layers=1"])
     trainer = Trainer(cfg, fake_pool_factory(close_steps=6, state_dim=39))
     try:
-        episodes = trainer.val_episodes()
-        assert [(e.task_id, e.init_state_id) for e in episodes] == \
-            [(0, 50), (1, 50), (2, 50), (3, 50), (0, 51), (1, 51), (2, 51), (3, 51), (0, 52)]
-        assert len({e.uid for e in episodes}) == 9
+        episodes = trainer.val_plan()
+        assert [(e.set_name, e.task, e.placement) for e in episodes] == [("held_out", t, s) for t, s in
+            [(0, 50), (1, 50), (2, 50), (3, 50), (0, 51), (1, 51), (2, 51), (3, 51), (0, 52)]]
         trained = {(e.task_id, e.init_state_id) for _ in range(20) for e in trainer.train_episodes()}
         assert max(s for _, s in trained) < 40
     finally:
         trainer.close()
-    with pytest.raises(ValueError, match=r"trainer.val_episodes \(201\) must be at most 200"):
-        Trainer(load_config(["preset=study_metaworld", "env.val_placements=held_out", "trainer.val_episodes=201",
+    with pytest.raises(ValueError, match=r"trainer.val_episodes \(201\) is more than the 200 distinct prompts"):
+        Trainer(load_config(["preset=study_metaworld", "trainer.val_episodes=201",
                              f"trainer.output_dir={tmp_path / 'big'}"]), fake_pool_factory(state_dim=39))
     assert not (tmp_path / "big").exists()
-    with pytest.raises(Exception, match="env.val_placements=held_out needs .*env.suite=metaworld"):
-        load_config(["env.val_placements=held_out"])
-    with pytest.raises(Exception, match="env.val_placements"):
-        load_config(["env.val_placements=every"])
 
 
 def test_stop_request_saves_last_complete_step(tmp_path):
@@ -325,14 +322,14 @@ def _assert_same_runs(straight, resumed):
 
 def _stop_in_validation(trainer, step: int) -> None:
     """Ctrl-C arrives while ``trainer`` validates step ``step`` (its update is done)."""
-    validation_episodes = trainer.val_episodes
+    validation_plan = trainer.val_plan
 
     def stopping():
         if trainer.step == step:
             trainer._request_stop(None, None)
-        return validation_episodes()
+        return validation_plan()
 
-    trainer.val_episodes = stopping
+    trainer.val_plan = stopping
 
 
 def test_stop_during_validation_saves_the_step_it_validates(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from pcm_train.tools.study_stats import paired_difference, t_interval
+from pcm_train.training.evaluation import record_cell
 
 ALTERNATIVES = ("greater", "less", "equivalent")
 
@@ -155,13 +156,15 @@ def confirm_claims(runs, window: tuple[int, int], seeds: list[int], margin: floa
     return out
 
 
-def validation_outcomes(rows: list[dict], trained_steps: int) -> dict[tuple[int, int], float]:
-    """``{(task, placement): success}`` of one run's validation after ``trained_steps`` steps (rows of its
-    ``validation.jsonl``); ValueError if an episode appears twice."""
+def validation_outcomes(rows: list[dict], trained_steps: int, cell: tuple[str, str] = ("held_out", "greedy"),
+                        ) -> dict[tuple, float]:
+    """``{(task, placement, seed): success}`` of one run's validation after ``trained_steps`` steps on prompt
+    set and decoder ``cell`` (rows of its ``validation.jsonl``; rows from before decoders and sets were
+    recorded are held-out greedy); ValueError if an episode appears twice."""
     out = {}
     for row in rows:
-        if row["trained_steps"] == trained_steps:
-            key = (int(row["task"]), int(row["placement"]))
+        if row["trained_steps"] == trained_steps and record_cell(row) == tuple(cell):
+            key = (int(row["task"]), int(row["placement"]), row.get("seed"))
             if key in out:
                 raise ValueError(f"validation after {trained_steps} steps lists episode {key} twice")
             out[key] = float(bool(row["success"]))
@@ -169,7 +172,8 @@ def validation_outcomes(rows: list[dict], trained_steps: int) -> dict[tuple[int,
 
 
 def validation_difference(validation, variant: str, reference: str, trained_steps: int,
-                          alternative: str, margin: float = 0.0) -> dict | None:
+                          alternative: str, margin: float = 0.0,
+                          cell: tuple[str, str] = ("held_out", "greedy")) -> dict | None:
     """Held-out success of ``variant`` minus ``reference`` after ``trained_steps`` steps, paired per
     episode (same task and placement) within a seed, averaged per seed; ``evaluate_claim`` over the seeds
     both have (None with fewer than 2). ``validation``: ``{variant: {seed: validation.jsonl rows}}``.
@@ -177,7 +181,7 @@ def validation_difference(validation, variant: str, reference: str, trained_step
     a, b = validation.get(variant, {}), validation.get(reference, {})
     per_seed, episodes = {}, {}
     for seed in sorted(set(a) & set(b)):
-        x, y = validation_outcomes(a[seed], trained_steps), validation_outcomes(b[seed], trained_steps)
+        x, y = validation_outcomes(a[seed], trained_steps, cell), validation_outcomes(b[seed], trained_steps, cell)
         if not x or not y:
             continue
         if set(x) != set(y):
@@ -191,13 +195,14 @@ def validation_difference(validation, variant: str, reference: str, trained_step
             "trained_steps": trained_steps, "alternative": alternative, "episodes": episodes}
 
 
-def validation_success(validation, variant: str, trained_steps: int) -> dict | None:
+def validation_success(validation, variant: str, trained_steps: int,
+                       cell: tuple[str, str] = ("held_out", "greedy")) -> dict | None:
     """Held-out success of ``variant`` after ``trained_steps`` steps: per seed the share of its episodes
     that succeeded; a 95% t-interval over seeds ({"mean", "low", "high", "seeds", "per_seed"}), None if no
     seed has that validation."""
     per_seed = {}
     for seed, rows in sorted(validation.get(variant, {}).items()):
-        outcomes = validation_outcomes(rows, trained_steps)
+        outcomes = validation_outcomes(rows, trained_steps, cell)
         if outcomes:
             per_seed[seed] = float(np.mean(list(outcomes.values())))
     if not per_seed:

@@ -4,7 +4,8 @@
 
 One run: its figures go to ``RUN_DIR/report/``. Several runs (e.g. ``full`` vs
 ``pcm``): one figure per topic with a line per run, in ``--out`` (default: the
-first run's ``report/``). Figures: success vs step and vs wall-clock, kept chunks
+first run's ``report/``). Figures: training success and every validation decoder x prompt set
+(``validation.jsonl``) vs updates and vs wall-clock, kept chunks
 per phase over steps (paper Fig. 6), C_c per phase (Fig. 1 left), the split of
 step time between rollout and update (Fig. 1 right); plus ``summary.md``.
 """
@@ -24,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from pcm_train.cli import argument_parser, run_command
 from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
-from pcm_train.training.metrics_log import read_metrics  # noqa: E402
+from pcm_train.training.evaluation import validation_curves  # noqa: E402
+from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa: E402
 
 
 def _run_label(run_dir: Path) -> str:
@@ -44,16 +46,23 @@ def _mean(rows, key):
     return statistics.fmean(values) if values else float("nan")
 
 
-def plot_success(runs, out: Path) -> Path:
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+def plot_success(runs, validations, out: Path) -> Path:
+    """Training success (dotted, the RL temperature on training prompts) and each validation decoder x set
+    (solid: held-out prompts, dashed: others; its start included) against the updates the policy had, and
+    against wall-clock."""
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, rows in runs.items():
-        for key, style in (("success_rate", ":"), ("val/success_rate", "-")):
-            steps, values = _series(rows, key)
-            if steps:
-                by_step.plot(steps, values, style, marker="o", ms=3, label=f"{label} {key.split('/')[0]}")
-                wall = {r["step"]: r["wall_time_s"] / 60 for r in rows}
-                by_time.plot([wall[s] for s in steps], values, style, marker="o", ms=3)
-    by_step.set(xlabel="step", ylabel="success rate", ylim=(-0.02, 1.02), title="success vs step")
+        wall = {r["step"] + 1: r["wall_time_s"] / 60 for r in rows}
+        wall[0] = 0.0
+        steps, values = _series(rows, "success_rate")
+        by_step.plot(steps, values, ":", marker="o", ms=3, label=f"{label} training (rollouts)")
+        by_time.plot([wall.get(s, 0.0) for s in steps], values, ":", marker="o", ms=3)
+        for (set_name, decoder), points in validation_curves(validations.get(label, [])).items():
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            style = "-" if set_name == "held_out" else "--"
+            by_step.plot(xs, ys, style, marker="s", ms=4, label=f"{label} {set_name} {decoder}")
+            by_time.plot([wall.get(x, float("nan")) for x in xs], ys, style, marker="s", ms=4)
+    by_step.set(xlabel="updates", ylabel="success rate", ylim=(-0.02, 1.02), title="success vs updates")
     by_time.set(xlabel="wall-clock (min)", ylim=(-0.02, 1.02), title="success vs wall-clock")
     by_step.legend(fontsize=7)
     return save_figure(fig, out / "success.png")
@@ -127,16 +136,17 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def summary_markdown(runs) -> str:
-    lines = ["| run | steps | final train success | final val success | update s/step | rollout s/step "
-             "| rollout: policy / waiting on envs s | env steps/s | update share | activation MiB | peak MiB |",
+def summary_markdown(runs, validations) -> str:
+    lines = ["| run | steps | final train success | last validation (set decoder: rate) | update s/step "
+             "| rollout s/step | rollout: policy / waiting on envs s | env steps/s | update share "
+             "| activation MiB | peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in runs.items():
-        val = [r for r in rows if r.get("val/success_rate") is not None]
+        curves = validation_curves(validations.get(label, []))
+        last = ", ".join(f"{s} {d}: {points[-1][1]:.2f}" for (s, d), points in curves.items()) or "none"
         update, step = _mean(rows, "update_time_s"), _mean(rows, "step_time_s")
         lines.append(
-            f"| {label} | {rows[-1]['step'] + 1} | {rows[-1]['success_rate']:.2f} | "
-            f"{val[-1]['val/success_rate'] if val else float('nan'):.2f} | {update:.2f} | "
+            f"| {label} | {rows[-1]['step'] + 1} | {rows[-1]['success_rate']:.2f} | {last} | {update:.2f} | "
             f"{_mean(rows, 'rollout_time_s'):.2f} | {_mean(rows, 'rollout/policy_s'):.2f} / "
             f"{_mean(rows, 'rollout/wait_s'):.2f} | {_mean(rows, 'rollout/env_steps_per_s'):.0f} "
             f"| {update / step:.0%} | "
@@ -151,7 +161,7 @@ def summary_markdown(runs) -> str:
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
     """Figures and ``summary.md`` for the given runs; returns the written paths."""
-    runs = {}
+    runs, validations = {}, {}
     for run_dir in map(Path, run_dirs):
         metrics = run_dir / "metrics.jsonl"
         if not metrics.is_file():
@@ -159,13 +169,16 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> list[Path]:
         rows = read_metrics(metrics)
         if not rows:
             raise ValueError(f"{metrics} has no complete step yet")
-        runs[_run_label(run_dir)] = rows
+        label = _run_label(run_dir)
+        runs[label] = rows
+        validation = run_dir / VALIDATION_FILE
+        validations[label] = read_metrics(validation) if validation.is_file() else []
     out = Path(out) if out else Path(run_dirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_success(runs, out), plot_allocation(runs, out), plot_phase_scores(runs, out),
+    written = [plot_success(runs, validations, out), plot_allocation(runs, out), plot_phase_scores(runs, out),
                plot_time_split(runs, out)]
     summary = out / "summary.md"
-    summary.write_text("# Run summary\n\n" + summary_markdown(runs) + "\nFigures: "
+    summary.write_text("# Run summary\n\n" + summary_markdown(runs, validations) + "\nFigures: "
                        + ", ".join(p.name for p in written) + "\n")
     return written + [summary]
 

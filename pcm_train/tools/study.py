@@ -53,10 +53,10 @@ SUITE_DEFAULTS: dict[str, dict[str, str]] = {
 
 # Per suite, trainer settings on top of its preset that every run shares (before the study's own overrides).
 SUITE_SETTINGS: dict[str, tuple[str, ...]] = {
-    # study_metaworld except: 80 steps; greedy validation after steps 40 and 80 on 200 held-out placements
-    # (50 per task, never drawn for training), each episode's outcome in the run's validation.jsonl
+    # study_metaworld except: 80 steps; validation before training and after steps 40 and 80 on the 200
+    # held-out placements (50 per task, never drawn for training), each episode's outcome in validation.jsonl
     "metaworld_confirm": ("trainer.total_steps=80", "trainer.val_every=40", "trainer.val_episodes=200",
-                          "env.val_placements=held_out"),
+                          "trainer.val_sets=[held_out]"),
 }
 
 # One entry per compared selection rule: the overrides that define it (PCM.md §5-6).

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from pcm_train.algorithm.controller import PHASE_NAMES  # noqa: E402
 from pcm_train.training.metrics_log import read_metrics  # noqa: E402
+from pcm_train.training.evaluation import held_out_greedy_rate  # noqa: E402
 from pcm_train.tools.confirm_report import Protocol, collect_validation, confirm_section  # noqa: E402
 from pcm_train.tools.report import save_figure  # noqa: E402
 from pcm_train.tools.study_stats import (claims, curve_band, format_interval, paired_difference, smoothed,  # noqa: E402
@@ -56,7 +57,7 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
     first = target_index(rows, target, smooth)
     update = np.cumsum([r["update_time_s"] for r in rows])
     wall = train_seconds(rows)
-    val = [r for r in rows if r.get("val/success_rate") is not None]
+    val = [rate for rate in map(held_out_greedy_rate, rows) if rate is not None]
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
 
     def mean_logged(key):  # None where no step logged it (a run from before the key existed)
@@ -71,7 +72,7 @@ def summarize_run(rows: list[dict], target: float, smooth: int) -> dict:
         "initial_success": float(success[min(smooth, len(success)) - 1]),  # mean of the first `smooth` steps
         "final_success": float(success[-1]),
         "best_success": float(success.max()),
-        "final_val_success": val[-1]["val/success_rate"] if val else None,
+        "final_val_success": val[-1] if val else None,
         "update_s_per_step": mean("update_time_s"),
         "rollout_s_per_step": mean("rollout_time_s"),
         "val_s_per_step": sum(r.get("val_time_s") or 0.0 for r in rows) / len(rows),
@@ -222,7 +223,7 @@ def fig_success(runs, out: Path, target: float, smooth: int) -> Path:
         _band(by_time, np.mean([train_seconds(rows[:n]) for rows in rows_list], 0) / 60, band, variant)
         color = by_step.get_lines()[-1].get_color()
         for rows in rows_list:
-            val = [(r["step"] + 1, r["val/success_rate"]) for r in rows if r.get("val/success_rate") is not None]
+            val = [(r["step"] + 1, held_out_greedy_rate(r)) for r in rows if held_out_greedy_rate(r) is not None]
             if val:
                 by_step.plot(*zip(*val), "^", color=color, ms=5, alpha=0.7)
     for ax in (by_step, by_time):

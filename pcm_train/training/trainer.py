@@ -28,6 +28,7 @@ from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.training.overlap import Background, RolloutCopy
 from pcm_train.runtime.files import write_atomically
 from pcm_train.policies.factory import build_policy, check_policy_path
+from pcm_train.training.evaluation import PlannedEpisode, parse_decoders, plan_episodes, rate_metrics, resolve_set, run_episodes
 from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 
@@ -61,8 +62,9 @@ def make_env_pool(cfg: PCMTrainConfig, image_size: int):
     # under torchrun every rank rolls out with its own workers: the cores of a node are split between its ranks
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = cfg.env.num_workers or max(1, (os.cpu_count() or 1) // local_ranks)
-    slots = min(max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, cfg.trainer.val_episodes),
-                cfg.env.max_slots)
+    t = cfg.trainer
+    validation = t.val_episodes * len(t.val_sets) if t.val_episodes else cfg.env.max_slots  # per decoder
+    slots = min(max(cfg.rollout.prompts_per_step * cfg.rollout.group_size, validation), cfg.env.max_slots)
     workers = min(workers, slots)
     main = int(os.environ.get("RANK", "0")) == 0  # rank 0 records its Ray processes in the run directory
     return EnvWorkerPool(workers, cfg.env.suite, camera=cfg.env.camera, image_size=image_size,
@@ -129,7 +131,7 @@ class Trainer:
         self.run_dir = Path(cfg.resume or cfg.trainer.output_dir)
         self.device = resolve_device(cfg.trainer.device, self.dist)
         self.tasks = self._task_ids()
-        self.val_episodes()  # a validation that cannot be built fails here, before anything is written
+        self.val_plan()  # a validation that cannot be built fails here, before anything is written
         if cfg.trainer.overlap and self.dist.enabled:
             raise ValueError(f"trainer.overlap=true runs in a single process, got {self.dist.world_size} ranks "
                              "under torchrun: set trainer.overlap=false")
@@ -297,32 +299,30 @@ class Trainer:
         return [Episode(*prompt, seed=episode_seed(self.cfg.trainer.seed, step, index))
                 for index, prompt in enumerate(prompts)]
 
-    def val_episodes(self) -> list[Episode]:
-        """Fixed held-out pairs, tasks in turn: over the last val_init_states initial states (cycled), or
-        with ``env.val_placements=held_out`` over each task's extra held-out placements in order."""
-        n, env = len(self.tasks), self.cfg.env
-        if env.val_placements == "held_out":
-            from pcm_train.envs.families import held_out_init_states
+    def val_plan(self) -> list[PlannedEpisode]:
+        """The validation episodes: ``trainer.val_episodes`` per decoder (``trainer.val_decoders``) and prompt
+        set (``trainer.val_sets``), the same at every validation (``evaluation.plan_episodes``). ValueError
+        naming the key for an unknown decoder or set, one the suite lacks, or repeating greedy episodes."""
+        t, env = self.cfg.trainer, self.cfg.env
+        decoders = parse_decoders(t.val_decoders, "trainer.val_decoders")
+        sets = [resolve_set(name, env.suite, self.tasks, env.val_init_states, f"trainer.val_sets[{index}]")
+                for index, name in enumerate(t.val_sets)]
+        return plan_episodes(decoders, sets, self.tasks, t.val_episodes, t.seed, "trainer.val_episodes")
 
-            held_out = [held_out_init_states(env.suite, task) for task in self.tasks]
-            if self.cfg.trainer.val_episodes > n * len(held_out[0]):
-                raise ValueError(f"trainer.val_episodes ({self.cfg.trainer.val_episodes}) must be at most "
-                                 f"{n * len(held_out[0])} with env.val_placements=held_out ({len(held_out[0])} "
-                                 f"held-out placements for each of {n} tasks; a greedy episode would repeat)")
-            return [Episode(self.tasks[i % n], held_out[i % n][i // n], f"val{i}")
-                    for i in range(self.cfg.trainer.val_episodes)]
-        first = NUM_INIT_STATES - env.val_init_states
-        return [Episode(self.tasks[i % n], first + (i // n) % env.val_init_states, f"val{i}")
-                for i in range(self.cfg.trainer.val_episodes)]
+    def validate(self, trained_steps: int) -> tuple[dict, float]:
+        """Rank 0: rolls the validation out with the live policy and appends its episodes to
+        ``validation.jsonl`` (``step`` = trained_steps - 1); returns (``val/<set>/<decoder>/success_rate``
+        metrics, seconds)."""
+        started = time.perf_counter()
+        records = run_episodes(self.policy, self.pool, self.val_plan(), max_chunks=self.cfg.rollout.max_chunks,
+                               desc=f"validation after {trained_steps} steps",
+                               gripper_signal=self.cfg.pcm.gripper_signal, pipeline=self.cfg.env.pipeline_groups,
+                               policy_threads=rollout_threads(self.cfg, self.pool, self.device))
+        self.metrics.write_validation([{"step": trained_steps - 1, "trained_steps": trained_steps, **record}
+                                       for record in records])
+        return rate_metrics(records), time.perf_counter() - started
 
     # ----- one step -----
-
-    def _rollout(self, policy, episodes, *, greedy: bool, desc: str, should_stop, stats: RolloutStats | None = None):
-        return collect_rollouts(policy, self.pool, episodes, max_chunks=self.cfg.rollout.max_chunks,
-                                temperature=self.cfg.actor.temperature, greedy=greedy, desc=desc,
-                                should_stop=should_stop, gripper_signal=self.cfg.pcm.gripper_signal, stats=stats,
-                                pipeline=self.cfg.env.pipeline_groups,
-                                policy_threads=rollout_threads(self.cfg, self.pool, self.device))
 
     def _roll_out(self, step: int, episodes: list[Episode], policy, should_stop):
         """This rank's share of step ``step``'s ``episodes`` (all of them in a single process) rolled out by
@@ -330,7 +330,12 @@ class Trainer:
         share = [episodes[i] for i in rank_share(len(episodes), self.dist)]
         desc = f"step {step} rollout" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
         stats = RolloutStats()
-        return self._rollout(policy, share, greedy=False, desc=desc, should_stop=should_stop, stats=stats), stats
+        batch = collect_rollouts(policy, self.pool, share, max_chunks=self.cfg.rollout.max_chunks,
+                                 temperature=self.cfg.actor.temperature, desc=desc, should_stop=should_stop,
+                                 gripper_signal=self.cfg.pcm.gripper_signal, stats=stats,
+                                 pipeline=self.cfg.env.pipeline_groups,
+                                 policy_threads=rollout_threads(self.cfg, self.pool, self.device))
+        return batch, stats
 
     def collect(self) -> dict | None:
         """Rollouts, GRPO advantages, PCM selection. Every rank rolls out its share of the step's episodes
@@ -390,23 +395,19 @@ class Trainer:
                 "activation_bytes": stats.activation_bytes, "peak_memory_bytes": stats.peak_memory_bytes,
                 **loss_metrics}
 
+    def validation_due(self, step: int) -> bool:
+        """Whether step ``step`` ends with a validation (every ``trainer.val_every`` steps and the last)."""
+        every = self.cfg.trainer.val_every
+        return bool(every) and ((step + 1) % every == 0 or step + 1 == self.cfg.trainer.total_steps)
+
     def finish(self, row: dict, started: float) -> dict:
         """Rank 0: validation when due, then the step's timing split. The update is done, so a stop does not
         cut the validation short: the step is saved whole (a step dropped now would leave its update in the
         weights)."""
         cfg = self.cfg
-        if cfg.trainer.val_every and ((self.step + 1) % cfg.trainer.val_every == 0
-                                      or self.step + 1 == cfg.trainer.total_steps):
-            val_started = time.perf_counter()
-            episodes = self.val_episodes()
-            val = self._rollout(self.policy, episodes, greedy=True, desc=f"step {self.step} validation",
-                                should_stop=lambda: False)
-            row["val/success_rate"] = float(val.batch["complete"].float().mean())
-            row["val_time_s"] = time.perf_counter() - val_started
-            self.metrics.write_validation([
-                {"step": self.step, "trained_steps": self.step + 1, "task": e.task_id, "placement": e.init_state_id,
-                 "success": bool(done), "episode_steps": int(steps)}
-                for e, done, steps in zip(episodes, val.batch["complete"].tolist(), val.batch["finish_step"].tolist())])
+        if self.validation_due(self.step):
+            rates, row["val_time_s"] = self.validate(self.step + 1)
+            row.update(rates)
         row["step_time_s"] = time.perf_counter() - started
         # the share of the step spent waiting for rollouts: the whole rollout, or with overlap what was not hidden
         row["rollout_share"] = row.get("overlap/wait_s", row["rollout_time_s"]) / row["step_time_s"]
@@ -515,6 +516,10 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._request_stop)
         saved_step = None
         try:
+            if main and self.step == 0 and cfg.val_every and cfg.val_before_train:
+                rates, seconds = self.validate(0)
+                tqdm.write(f"validation before training ({seconds:.0f} s): "
+                           + ", ".join(f"{key} {rate:.3f}" for key, rate in rates.items()))
             progress = tqdm(range(self.step, cfg.total_steps), desc="training", unit="step", initial=self.step,
                             total=cfg.total_steps, disable=not main)
             for step in progress:
@@ -538,8 +543,9 @@ class Trainer:
                     row["wall_time_s"] = self.wall_time_s
                     self.metrics.write(row)
                     progress.set_postfix(success=f"{row['success_rate']:.2f}", update_s=f"{row['update_time_s']:.2f}")
+                    # every validation point keeps its policy: a decoder or set added later is evaluated on it
                     if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.total_steps \
-                            or self._stop:
+                            or self.validation_due(step) or self._stop:
                         self.save()
                         saved_step = step
                 if self._stop:
