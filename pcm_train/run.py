@@ -20,8 +20,11 @@ runs the controller once and broadcasts the kept chunks; each rank trains its sh
 the trajectories and the gradients are summed, so K GPUs train as one
 (``pcm_train.runtime.distributed``). Run
 directories must be on a filesystem every rank can read.
-Outputs in the run directory: ``metrics.jsonl``, ``tensorboard/``,
-``checkpoints/``, ``report/`` (plots and summary.md).
+Outputs in the run directory: ``metrics.jsonl``, ``validation.jsonl`` (every validation episode),
+``tensorboard/``, ``checkpoints/``, ``report/`` (plots and summary.md). At the end it prints the
+validation of the starting policy and of the last one on the same episodes, per prompt set and decoder
+(``trainer.val_sets``, ``trainer.val_decoders``: held-out prompts, greedy and sampled at T = 1.0 by
+default), with the change and its 95% interval.
 """
 from __future__ import annotations
 
@@ -105,6 +108,24 @@ def _check_device(name: str) -> None:
         raise ConfigError(f"trainer.device={name} but this machine has no CUDA device; use trainer.device=cpu")
 
 
+def validation_change(run_dir: Path) -> str | None:
+    """The run's validation of its starting policy and of its last validated one, per prompt set and decoder,
+    paired episode by episode: a markdown table with the change and its 95% interval (None without both)."""
+    from pcm_train.tools.evaluate import paired_table
+    from pcm_train.training.evaluation import paired_differences
+    from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics
+
+    path = run_dir / VALIDATION_FILE
+    rows = read_metrics(path) if path.is_file() else []
+    steps = sorted({row["trained_steps"] for row in rows})
+    if len(steps) < 2 or steps[0] != 0:
+        return None
+    before = [row for row in rows if row["trained_steps"] == 0]
+    after = [row for row in rows if row["trained_steps"] == steps[-1]]
+    return (f"validation success before training and after {steps[-1]} steps (the same episodes; greedy is what "
+            f"a deployed policy does):\n{paired_table(paired_differences(before, after))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_command(__doc__, _main, argv)
 
@@ -136,6 +157,9 @@ def _main(argv: list[str]) -> int:
         report = write_report([trainer.run_dir])
     except ValueError:
         report = []
+    change = validation_change(trainer.run_dir)
+    if change:
+        print(change)
     print(f"{'finished' if finished else 'stopped'} at step {trainer.step}; outputs in {trainer.run_dir.resolve()}:")
     for path in [trainer.run_dir / "metrics.jsonl", trainer.run_dir / "checkpoints", *report]:
         print(f"  {path}")

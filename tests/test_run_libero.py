@@ -34,7 +34,13 @@ def test_real_libero_run_then_resume(tmp_path, capsys):
     assert config["trainer"]["total_steps"] == 2
     assert config["policy"]["path"] == SFT_POLICY and config["policy"]["observation"] == "state"  # the default
     assert rows[0]["actor/optimizer_steps"] == 1  # one prompt, mini-batches of one prompt
-    assert "outputs in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "outputs in" in printed
+    # the first call validated the start and step 1 (its last), the resume step 2: the change since the start
+    assert "validation success before training and after 2 steps" in printed
+    assert "| held_out | greedy | 2 |" in printed and "| held_out | sample@1.0 | 2 |" in printed
+    validation = read_metrics(out / "validation.jsonl")
+    assert sorted({r["trained_steps"] for r in validation}) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -189,7 +189,7 @@ def success_counts(records: Iterable[dict]) -> dict[tuple[str, str], tuple[int, 
     """``{(set, decoder): (successes, episodes)}`` in first-seen order."""
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for record in records:
-        cell = counts[(record["set"], record["decoder"])]
+        cell = counts[record_cell(record)]
         cell[0] += bool(record["success"])
         cell[1] += 1
     return {cell: (wins, total) for cell, (wins, total) in counts.items()}
@@ -235,7 +235,8 @@ def paired_interval(before: Sequence[bool], after: Sequence[bool], z: float = 1.
 
 def episode_key(record: dict) -> tuple:
     """What makes two records the same episode: decoder, set, prompt and stream."""
-    return (record["decoder"], record["set"], record["task"], record["placement"], record["seed"])
+    set_name, decoder = record_cell(record)
+    return (decoder, set_name, record["task"], record["placement"], record.get("seed"))
 
 
 def paired_differences(before: Sequence[dict], after: Sequence[dict]) -> dict[tuple[str, str], dict]:
