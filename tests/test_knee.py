@@ -91,7 +91,7 @@ def test_cli_on_batch_file(tmp_path, capsys):
     policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                      image_size=16, vision_width=16, vision_layers=1, vision_heads=2))
     batch = synthetic_rollout_batch(policy, num_prompts=2, group_size=2, num_chunks=8, seed=0)
-    torch.save(batch, tmp_path / "batch.pt")
+    knee.save_batch(batch, tmp_path / "batch.pt")
     out = tmp_path / "figs"
     start = str(policy.config.action_token_start)
     assert knee.main([str(tmp_path / "batch.pt"), "--out", str(out), "--chunks", "8",
@@ -101,7 +101,7 @@ def test_cli_on_batch_file(tmp_path, capsys):
     assert (out / "knee.png").stat().st_size > 0
     # the same batch as a plain dict gives the same line
     plain = {k: batch.batch[k] for k in ("responses", "finish_step", "complete")}
-    plain["uid"] = batch.non_tensor_batch["uid"]
+    plain["uid"] = list(batch.non_tensor_batch["uid"])
     torch.save(plain, tmp_path / "plain.pt")
     assert knee.main([str(tmp_path / "plain.pt"), "--out", str(out), "--chunks", "8",
                       "--action-token-start", start]) == 0
@@ -118,3 +118,29 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
 
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))  # what the old loader ran
+
+
+def test_a_batch_file_holding_a_pickled_object_is_refused_without_running_it(tmp_path, capsys, monkeypatch):
+    """A crafted batch file whose unpickling would run code is refused (nothing runs); so is a pickled
+    DataProto (save_batch writes the same batch as tensors and plain data)."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    policy = SmallVLA(SmallVLAConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     image_size=16, vision_width=16, vision_layers=1, vision_heads=2))
+    batch = synthetic_rollout_batch(policy, num_prompts=2, group_size=2, num_chunks=8, seed=0)
+    fields = {k: batch.batch[k] for k in ("responses", "finish_step", "complete")}
+    torch.save({**fields, "uid": list(batch.non_tensor_batch["uid"]), "extra": _RunsCodeWhenUnpickled()},
+               tmp_path / "crafted.pt")
+    torch.save(batch, tmp_path / "dataproto.pt")
+    for name in ("crafted.pt", "dataproto.pt"):
+        assert knee.main([str(tmp_path / name), "--chunks", "8"]) == 2
+        err = capsys.readouterr().err
+        assert "refused" in err and "save_batch" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "PWNED").exists()
+    with pytest.raises(knee.KneeInputError, match="missing"):
+        knee.save_batch({"responses": fields["responses"]}, tmp_path / "x.pt")

@@ -94,19 +94,3 @@ def test_no_import_cycles():
 
     for name in sorted(MODULES):
         visit(name)
-
-
-def test_moved_names_are_importable_from_their_old_modules():
-    from pcm_train.runtime import distributed, memory
-    from pcm_train.runtime.files import write_atomically
-    from pcm_train.training import checkpoint
-    from pcm_train.training import distributed as old_distributed
-    from pcm_train.training import memory as old_memory
-
-    for name in old_distributed.__all__:
-        assert getattr(old_distributed, name) is getattr(distributed, name), name
-    for name in old_memory.__all__:
-        assert getattr(old_memory, name) is getattr(memory, name), name
-    assert checkpoint.write_atomically is write_atomically
-    assert set(old_distributed.__all__) == {n for n, v in vars(distributed).items() if not n.startswith("_")
-                                            and callable(v) and getattr(v, "__module__", "") == distributed.__name__}

@@ -21,12 +21,13 @@ Accepted inputs:
   and the mean of ``pcm/chunks_per_traj/<phase>`` over the steps; each phase's
   score is repeated as many times as that phase has chunks in ``TRAJECTORIES``
   average trajectories (only the proportions matter for the curve);
-- a ``torch.save``d rollout batch: a ``verl.DataProto`` or a dict holding
+- a rollout batch file written by ``save_batch`` (tensors and plain data only:
   ``responses`` int [N, C, L*D] action token ids, ``finish_step`` int [N],
-  ``complete`` bool [N] and ``uid`` [N] group ids (in ``non_tensor_batch`` for a
-  DataProto). Chunks are labeled with ``pcm_kernels.label_phases`` (the paper's
-  thresholds) and scored with ``pcm_kernels.phase_scores``; phases with no mixed
-  group score 0. The file is unpickled: load only files you trust.
+  ``complete`` bool [N] and ``uid``, a list of N group ids), read with
+  ``torch.load(weights_only=True)``, so a file from someone else cannot run code
+  (a pickled object in it is refused). Chunks are labeled with
+  ``pcm_kernels.label_phases`` (the paper's thresholds) and scored with
+  ``pcm_kernels.phase_scores``; phases with no mixed group score 0.
 
 ``knee.png`` (the curve, the diagonal, the knee and B = 8/12/16) goes to ``--out``
 (default: ``RUN_DIR/report/``, or the batch file's directory) and one summary line
@@ -36,6 +37,7 @@ group mixed successes and failures: no knee to find), exits with code 2.
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 from pathlib import Path
 
@@ -184,6 +186,26 @@ def chunk_scores_from_batch(batch: DataProto | dict, *, action_token_start: int 
     return scores[labels[labels >= 0].long()]
 
 
+BATCH_KEYS = ("responses", "finish_step", "complete", "uid")
+
+
+def save_batch(batch: DataProto | dict, path: Path) -> Path:
+    """Writes the rollout batch's ``BATCH_KEYS`` as tensors and a list of str group ids (what
+    ``load_chunk_scores`` reads back without unpickling anything)."""
+    if isinstance(batch, DataProto):
+        fields = {k: batch.batch[k] for k in BATCH_KEYS[:3] if k in batch.batch.keys()}
+        fields["uid"] = batch.non_tensor_batch.get("uid")
+    else:
+        fields = dict(batch)
+    missing = [k for k in BATCH_KEYS if fields.get(k) is None]
+    if missing:
+        raise KneeInputError(f"batch is missing {missing}")
+    plain = {k: torch.as_tensor(fields[k]).cpu() for k in BATCH_KEYS[:3]}
+    plain["uid"] = [str(u) for u in fields["uid"]]
+    torch.save(plain, path)
+    return Path(path)
+
+
 def load_chunk_scores(path: Path, *, action_token_start: int = OPENVLA_ACTION_TOKEN_START) -> torch.Tensor:
     """Chunk-level scores from a run directory or a saved batch file; ``KneeInputError`` if unusable."""
     path = Path(path)
@@ -195,9 +217,15 @@ def load_chunk_scores(path: Path, *, action_token_start: int = OPENVLA_ACTION_TO
     if not path.is_file():
         raise KneeInputError(f"{path} does not exist")
     try:
-        batch = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # unpickling can fail in many ways; all mean "not a batch file"
+        batch = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain data
+        raise KneeInputError(f"{path} holds more than tensors and plain data (a pickled object, refused: it "
+                             "could run code); write batch files with pcm_train.tools.knee.save_batch") from err
+    except Exception as err:  # a file that is not a torch.save archive
         raise KneeInputError(f"cannot read {path} as a torch.save file ({type(err).__name__}: {err})") from err
+    if not isinstance(batch, dict):
+        raise KneeInputError(f"{path} must hold a dict of {list(BATCH_KEYS)} (pcm_train.tools.knee.save_batch), "
+                             f"got {type(batch).__name__}")
     return chunk_scores_from_batch(batch, action_token_start=action_token_start)
 
 
@@ -239,7 +267,7 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     ap = argument_parser("pcm_train.knee", __doc__)
-    ap.add_argument("input", type=Path, help="a run directory (metrics.jsonl) or a torch.save'd rollout batch")
+    ap.add_argument("input", type=Path, help="a run directory (metrics.jsonl) or a rollout batch file (save_batch)")
     ap.add_argument("--out", type=Path, default=None, help="folder for knee.png")
     ap.add_argument("--chunks", type=int, default=64, help="chunks per trajectory the budget is a share of")
     ap.add_argument("--action-token-start", type=int, default=OPENVLA_ACTION_TOKEN_START,
