@@ -225,3 +225,42 @@ def test_tables_show_every_cell_with_its_interval():
     assert "| train | 0.500 [0.150, 0.850] (2/4)" in text and text.count("\n") == 3
     paired = evaluate.paired_table(ev.paired_differences(records, records))
     assert "+0.000" in paired and paired.count("\n") == 5
+
+
+def test_runs_summary_pairs_seeds_against_the_start_and_full(tmp_path):
+    """Study-shaped evaluations (variant/seed/step): the start row comes from step 0, every later step gets
+    its mean over seeds and, paired per seed, its change from the start and its difference to full."""
+    def records(wins, decoder="greedy", total=4):
+        return [{"decoder": decoder, "set": "held_out", "task": 0, "placement": 50 + i, "seed": None,
+                 "success": i < wins, "episode_steps": 1} for i in range(total)]
+
+    layout = {("full", 0): {0: 2, 40: 3}, ("full", 1): {0: 1, 40: 3}, ("pcm", 0): {40: 1}, ("pcm", 1): {40: 2}}
+    for (variant, seed), steps in layout.items():
+        for step, wins in steps.items():
+            path = tmp_path / variant / f"seed{seed}" / f"step{step}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"records": records(wins) + records(4 - wins, "sample@1.0")}))
+    summary = evaluate.runs_summary(evaluate.collect_run_results(tmp_path))
+    rows = {(r["decoder"], r["policy"], r["steps"]): r for r in summary["rows"]}
+    assert rows[("greedy", "start", 0)]["per_seed"] == {0: 0.5, 1: 0.25}
+    assert rows[("greedy", "full", 40)]["mean"] == pytest.approx(0.75)
+    assert rows[("greedy", "full", 40)]["minus_start"]["per_seed"] == {0: 0.25, 1: 0.5}
+    assert rows[("greedy", "pcm", 40)]["minus_full"]["per_seed"] == {0: -0.5, 1: -0.25}
+    assert rows[("sample@1.0", "pcm", 40)]["minus_start"]["per_seed"] == {0: 0.25, 1: -0.25}
+    assert "minus_full" not in rows[("greedy", "full", 40)]
+    paths = evaluate.write_runs_summary(tmp_path)
+    text = paths[1].read_text()
+    assert "| held_out | greedy | pcm | 40 | 2 | 0.375 [" in text and text.count("\n") == 2 + 6
+
+
+def test_runs_still_training_are_skipped(tmp_path, capsys):
+    run = tmp_path / "runs" / "full" / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000001")
+    (run / "config.json").write_text(json.dumps({"trainer": {"total_steps": 5}}))
+    _tiny_state_policy(tmp_path / "policy")
+    cfg = evaluate.parse_args([f"runs={tmp_path / 'runs'}", f"out={tmp_path / 'out'}"])
+    assert evaluate.evaluate_runs(cfg) == []
+    assert "skipped, not finished (2 of 5 steps)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no run directory"):
+        evaluate.evaluate_runs(evaluate.parse_args([f"runs={tmp_path / 'policy'}", f"out={tmp_path / 'out'}"]))

@@ -15,12 +15,15 @@ set, task, placement, seed, success, episode_steps). Sampled episodes draw from 
 streams, so another policy (``before``/``after``) or another call runs the same draws: the paired
 difference per cell comes with Newcombe's 95% interval.
 
-``runs=DIR``: every run directory below DIR (``config.json`` + ``checkpoints/``), the policies it kept
+``runs=DIR``: every finished run directory below DIR (``config.json`` + ``checkpoints/``), the policies it kept
 after ``steps`` updates (default: every checkpoint at a validation point of the run, and its starting
 policy as step 0), each evaluated with the run's suite, tasks, ``rollout.max_chunks``,
 ``env.val_init_states`` and ``trainer.seed`` (so it repeats the run's own validation of a decoder and set
-episode by episode, and every step of a run draws the same streams); one JSON per run and step in ``out/<run path>/step<k>.json``, skipped where it
-exists (a stopped call resumes).
+episode by episode, and every step of a run draws the same streams); one JSON per run and step in
+``out/<run path>/step<k>.json``, skipped where it exists (a stopped call resumes). For runs laid out as
+a study's (``<variant>/seed<k>``), ``out/summary.md`` and ``summary.json`` then give per set and decoder
+the mean over seeds with its 95% t-interval for the start (step 0: the never-updated policy) and each
+variant after each step, and paired per seed the change from the start and the difference to ``full``.
 """
 from __future__ import annotations
 
@@ -216,6 +219,11 @@ def evaluate_runs(cfg: EvalConfig) -> list[Path]:
     written = []
     for directory in directories:
         config = json.loads((directory / "config.json").read_text())
+        latest = directory / "checkpoints" / "latest"
+        last = int(latest.read_text().strip().split("_")[1]) + 1 if latest.is_file() else 0
+        if last < config["trainer"]["total_steps"]:
+            print(f"{directory}: skipped, not finished ({last} of {config['trainer']['total_steps']} steps)")
+            continue
         plan = make_plan(cfg, config["env"]["suite"], config["env"]["task_ids"], config["rollout"]["max_chunks"],
                          config["env"]["val_init_states"], config["trainer"]["seed"])
         todo = {k: p for k, p in run_policies(directory, cfg.steps).items()
@@ -235,6 +243,90 @@ def evaluate_runs(cfg: EvalConfig) -> list[Path]:
     return written
 
 
+def collect_run_results(out: Path) -> dict[str, dict[int, dict[int, list[dict]]]]:
+    """``out/<variant>/seed<k>/step<n>.json`` -> ``{variant: {seed: {steps: records}}}``."""
+    found: dict[str, dict[int, dict[int, list[dict]]]] = {}
+    for path in sorted(Path(out).glob("*/seed*/step*.json")):
+        variant, seed, steps = path.parent.parent.name, path.parent.name[4:], path.stem[4:]
+        if seed.isdigit() and steps.isdigit():
+            records = json.loads(path.read_text())["records"]
+            found.setdefault(variant, {}).setdefault(int(seed), {})[int(steps)] = records
+    return found
+
+
+def _rates(records: list[dict]) -> dict[tuple[str, str], float]:
+    return {cell: wins / total for cell, (wins, total) in success_counts(records).items()}
+
+
+def _over_seeds(per_seed: dict[int, float]) -> dict:
+    from pcm_train.tools.study_stats import t_interval
+
+    mean, low, high, n = t_interval([per_seed[seed] for seed in sorted(per_seed)])
+    return {"mean": mean, "low": low, "high": high, "seeds": n, "per_seed": dict(sorted(per_seed.items()))}
+
+
+def runs_summary(results: dict[str, dict[int, dict[int, list[dict]]]]) -> dict:
+    """Per prompt set and decoder, over seeds (95% t-intervals): the start (step 0 of a seed's runs: the
+    never-updated policy, the frozen control, on that seed's streams), each variant after each evaluated
+    step, and paired per seed its change from the start and (variants other than ``full``) its difference
+    to ``full`` after the same steps."""
+    start: dict[int, dict] = {}
+    for seeds in results.values():
+        for seed, by_step in seeds.items():
+            if 0 in by_step:
+                start.setdefault(seed, _rates(by_step[0]))
+    rates = {variant: {steps: {seed: _rates(by_step[steps]) for seed, by_step in seeds.items() if steps in by_step}
+                       for steps in sorted({k for by_step in seeds.values() for k in by_step} - {0})}
+             for variant, seeds in results.items()}
+    cells = dict.fromkeys(cell for by_cell in start.values() for cell in by_cell)
+    cells.update(dict.fromkeys(cell for variant in rates.values() for per_seed in variant.values()
+                               for by_cell in per_seed.values() for cell in by_cell))
+    rows = []
+    for cell in cells:
+        if start:
+            rows.append({"set": cell[0], "decoder": cell[1], "policy": "start", "steps": 0,
+                         **_over_seeds({seed: r[cell] for seed, r in start.items() if cell in r})})
+        for variant, by_steps in rates.items():
+            for steps, per_seed in by_steps.items():
+                values = {seed: r[cell] for seed, r in per_seed.items() if cell in r}
+                row = {"set": cell[0], "decoder": cell[1], "policy": variant, "steps": steps, **_over_seeds(values),
+                       "minus_start": _over_seeds({seed: v - start[seed][cell] for seed, v in values.items()
+                                                   if cell in start.get(seed, {})})}
+                full = rates.get("full", {}).get(steps, {})
+                if variant != "full" and full:
+                    row["minus_full"] = _over_seeds({seed: v - full[seed][cell] for seed, v in values.items()
+                                                     if cell in full.get(seed, {})})
+                rows.append(row)
+    return {"rows": rows}
+
+
+def _mean_interval(c: dict | None, signed: bool = False) -> str:
+    if not c or not c["seeds"]:
+        return "—"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    text = f.format(c["mean"])
+    return text if c["seeds"] < 2 else f"{text} [{f.format(c['low'])}, {f.format(c['high'])}]"
+
+
+def runs_table(summary: dict) -> str:
+    """Markdown of ``runs_summary``: one line per set, decoder, policy and step count."""
+    lines = ["| set | decoder | policy | steps | seeds | success, mean over seeds [95% CI] | − start, paired "
+             "| − full, paired |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| {row['set']} | {row['decoder']} | {row['policy']} | {row['steps']} | {row['seeds']} "
+                     f"| {_mean_interval(row)} | {_mean_interval(row.get('minus_start'), True) if row['steps'] else ''} "
+                     f"| {_mean_interval(row.get('minus_full'), True) if 'minus_full' in row else ''} |")
+    return "\n".join(lines)
+
+
+def write_runs_summary(out: Path) -> list[Path]:
+    """``out/summary.json`` and ``out/summary.md`` from every run evaluated into ``out``."""
+    summary = runs_summary(collect_run_results(out))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(runs_table(summary) + "\n")
+    return [out / "summary.json", out / "summary.md"]
+
+
 def parse_args(argv: list[str]) -> EvalConfig:
     """``key=value`` overrides of EvalConfig; ConfigError for unknown keys or bad values."""
     return parse_overrides(EvalConfig, argv)
@@ -247,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     cfg = parse_args(argv)
     if cfg.runs:
-        written = evaluate_runs(cfg)
-        print("\n".join(str(p) for p in written) or "every kept policy was evaluated already")
+        written = evaluate_runs(cfg) + write_runs_summary(Path(cfg.out))
+        print((Path(cfg.out) / "summary.md").read_text())
+        print("\n".join(str(p) for p in written))
         return 0
     plan = make_plan(cfg)
     if cfg.policy:

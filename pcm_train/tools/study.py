@@ -17,6 +17,12 @@ not retrained) and the page is rewritten from them: ``out/study.md`` (Table 1 an
 split, setup), the figures ``out/*.png`` and ``out/study.json``. ``report_only=true`` only
 rewrites the page.
 
+Every run keeps its policy at each validation point (``runs/<variant>/seed<k>/checkpoints/``, outside
+git), so a decoder or prompt set nobody validated during training is measured later without
+retraining: ``python -m pcm_train.evaluate runs=RUNS out=DIR decoders=[...] sets=[...]`` evaluates
+every finished run's kept policies and summarizes them over seeds, paired against the start and
+against ``full``.
+
 A suite with a pre-registered protocol (``PROTOCOLS``: ``metaworld_confirm``) adds its settings
 (``SUITE_SETTINGS``), runs its seeds and variants by default, archives each run's ``validation.jsonl``
 too, and its page reports the protocol's tests (``confirm_report``) instead of the interval-rule claims.
