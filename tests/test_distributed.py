@@ -110,10 +110,11 @@ def test_two_process_trainer_equals_one(tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
     rows_one, rows_two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
-    # each rank rolled out its half of every step's 6 episodes (rank 0 also the 2 validation episodes), and
-    # the gathered batch is the single process's: what depends on tokens and episode lengths is bitwise equal
+    # each rank rolled out its half of every step's 6 episodes (rank 0 also the validations, before training and
+    # after the last step: 2 episodes for each of the 2 decoders), and the gathered batch is the single
+    # process's: what depends on tokens and episode lengths is bitwise equal
     started = [torch.load(f"{tmp_path / 'store'}.pool{rank}")["started"] for rank in range(2)]
-    assert started[0] == [3, 3, 2] and started[1] == [3, 3]
+    assert started[0] == [2, 2, 3, 3, 2, 2] and started[1] == [3, 3]
     for key in ("success_rate", "episode_steps_mean", "advantage/mean", "advantage/nonzero_fraction",
                 "pcm/kept_fraction", "pcm/valid_chunks_per_traj", "rollout/env_steps"):
         assert [r[key] for r in rows_one] == [r[key] for r in rows_two], key

@@ -37,8 +37,8 @@ def test_the_next_batch_is_rolled_out_with_the_weights_before_the_update(tmp_pat
     rolled_with = {}  # step -> trainable weights of the policy that rolled out its batch
     collect = trainer_module.collect_rollouts
 
-    def spy(policy, pool, episodes, **kwargs):
-        if not kwargs["greedy"]:
+    def spy(policy, pool, episodes, **kwargs):  # the trainer's training rollouts (validation has its own module)
+        if not kwargs.get("greedy"):
             rolled_with[int(episodes[0].uid.split("-")[0][4:])] = _trainable(policy)
         return collect(policy, pool, episodes, **kwargs)
 
