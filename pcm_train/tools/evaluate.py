@@ -149,10 +149,10 @@ def evaluate_policies(cfg: EvalConfig, paths: list[str], plan: Plan) -> list[lis
     from pcm_train.policies.small_vla import SmallVLA
 
     policies = [SmallVLA.from_pretrained(path) for path in paths]
-    workers_free = max(1, (os.cpu_count() or 1) - min(cfg.workers or os.cpu_count() or 1, cfg.max_slots))
     with open_pool(cfg, plan, policies[0]) as pool:
+        threads = max(1, (os.cpu_count() or 1) - len(pool.workers))  # the cores the env workers leave free
         return [run_episodes(policy, pool, plan.episodes, max_chunks=plan.max_chunks, desc=f"evaluate {path}",
-                             pipeline=2, policy_threads=workers_free)
+                             pipeline=2, policy_threads=threads)
                 for path, policy in zip(paths, policies)]
 
 
