@@ -313,9 +313,10 @@ def runs_table(summary: dict) -> str:
     lines = ["| set | decoder | policy | steps | seeds | success, mean over seeds [95% CI] | − start, paired "
              "| − full, paired |", "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
+        change = _mean_interval(row.get("minus_start"), True) if row["steps"] else ""
+        versus_full = _mean_interval(row.get("minus_full"), True) if "minus_full" in row else ""
         lines.append(f"| {row['set']} | {row['decoder']} | {row['policy']} | {row['steps']} | {row['seeds']} "
-                     f"| {_mean_interval(row)} | {_mean_interval(row.get('minus_start'), True) if row['steps'] else ''} "
-                     f"| {_mean_interval(row.get('minus_full'), True) if 'minus_full' in row else ''} |")
+                     f"| {_mean_interval(row)} | {change} | {versus_full} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,8 @@ from pcm_train.training.metrics_log import MetricsLog
 from pcm_train.training.overlap import Background, RolloutCopy
 from pcm_train.runtime.files import write_atomically
 from pcm_train.policies.factory import build_policy, check_policy_path
-from pcm_train.training.evaluation import PlannedEpisode, parse_decoders, plan_episodes, rate_metrics, resolve_set, run_episodes
+from pcm_train.training.evaluation import (PlannedEpisode, parse_decoders, plan_episodes, rate_metrics, resolve_set,
+                                          run_episodes)
 from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
 from pcm_train.integrations.simplevla import pcm_shrink_batch
 
@@ -404,7 +405,6 @@ class Trainer:
         """Rank 0: validation when due, then the step's timing split. The update is done, so a stop does not
         cut the validation short: the step is saved whole (a step dropped now would leave its update in the
         weights)."""
-        cfg = self.cfg
         if self.validation_due(self.step):
             rates, row["val_time_s"] = self.validate(self.step + 1)
             row.update(rates)
