@@ -122,7 +122,11 @@ def test_mini_batched_shrunk_update_equals_masked_dense(policy, batch, unbiased,
         _dense_masked_update(policy, batch, sel.index, chunk_weights, cfg, mini_batch,
                              torch.Generator().manual_seed(7))
         for name, value in policy.state_dict().items():
-            torch.testing.assert_close(shrunk[name], value, rtol=1e-4, atol=1e-6, msg=name)
+            # lr=5 SGD amplifies float32 rounding (~1e-5 of the step after 4 steps); a wrong mask or
+            # weight moves parameters by the order of the step itself.
+            step = (value - start[name]).abs().max().item()
+            gap = (shrunk[name] - value).abs().max().item()
+            assert gap <= 1e-4 * step + 1e-7, f"{name}: updates differ by {gap:.3g}, step size {step:.3g}"
         assert any(not torch.equal(shrunk[n], start[n]) for n in start)
         steps = epochs * -(-N // mini_batch)
         assert stats.optimizer_steps == steps and metrics["actor/optimizer_steps"] == steps
