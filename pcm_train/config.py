@@ -193,6 +193,9 @@ class TrainerSection:
     val_sets: list[str] = field(default_factory=lambda: ["held_out"])
     val_before_train: bool = True  # a fresh run also validates its starting policy (trained_steps 0)
     save_every: int = 10  # 0 = never
+    # every N steps (0 = never) compare the kept chunks' gradient with the full one on the step's batch
+    # before the update (pcm_train.algorithm.diagnostics: diag/... metrics; two extra backward passes)
+    diagnostics_every: int = 0
     output_dir: Optional[str] = None  # None = a new runs/<date>-<time>-<strategy> directory
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:<index>"
@@ -210,6 +213,7 @@ class TrainerSection:
         _at_least(f"{prefix}.total_steps", self.total_steps, 1)
         _at_least(f"{prefix}.val_every", self.val_every, 0)
         _at_least(f"{prefix}.save_every", self.save_every, 0)
+        _at_least(f"{prefix}.diagnostics_every", self.diagnostics_every, 0)
         _at_least(f"{prefix}.val_episodes", self.val_episodes, 0)
         for key in ("val_decoders", "val_sets"):
             if not getattr(self, key):

@@ -29,7 +29,7 @@ PAPER_DEFAULTS = {  # PCM.md §7 and §2
                "observation": "image", "lora_r": 32, "lora_alpha": 32, "dtype": "float32"},
     "trainer": {
         "total_steps": 200, "val_every": 1, "val_episodes": 50, "val_decoders": ["greedy", "sample@1.0"],
-        "val_sets": ["held_out"], "val_before_train": True, "save_every": 10, "output_dir": None, "seed": 0,
+        "val_sets": ["held_out"], "val_before_train": True, "save_every": 10, "diagnostics_every": 0, "output_dir": None, "seed": 0,
         "device": "auto", "num_threads": 0, "overwrite": False, "allow_partial_log": False, "overlap": False,
         "loggers": ["tensorboard"],
         "wandb_project": "pcm", "wandb_mode": None,
@@ -171,6 +171,7 @@ def test_malformed_overrides(override, message):
         ("trainer.total_steps=0", "trainer.total_steps"),
         ("trainer.val_every=-1", "trainer.val_every"),
         ("trainer.save_every=-1", "trainer.save_every"),
+        ("trainer.diagnostics_every=-1", "trainer.diagnostics_every"),
         ("trainer.output_dir=", "trainer.output_dir"),
         ("trainer.seed=-1", "trainer.seed"),
         ("trainer.device=gpu", "trainer.device"),

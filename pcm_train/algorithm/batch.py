@@ -81,6 +81,13 @@ def executed_actions(responses: torch.Tensor, *, action_token_start: int, action
     return normalized, gripper
 
 
+def all_valid_chunks(finish_step: torch.Tensor, num_chunks: int, action_chunk: int) -> torch.Tensor:
+    """int64 [N, C]: every chunk id that holds an executed step (``finish_step`` int [N]), -1 past the end:
+    the ``index`` that makes ``shrink_batch`` keep every valid chunk (the ``full`` strategy)."""
+    ids = torch.arange(num_chunks, device=finish_step.device).expand(finish_step.shape[0], num_chunks)
+    return torch.where(ids < ((finish_step + action_chunk - 1) // action_chunk).unsqueeze(-1), ids, -1)
+
+
 def shrink_batch(batch: DataProto, index: torch.Tensor, *, action_chunk: int, action_dim: int,
                  chunk_weights: torch.Tensor | None = None) -> DataProto:
     """Keep the chunks named by ``index`` int64 [N, B] (-1 = none): a DataProto of M chunk rows.

@@ -27,8 +27,8 @@ from verl import DataProto
 
 import pcm_kernels as pk
 from pcm_train.cli import argument_parser, run_command
-from pcm_train.algorithm.actor import accumulate_gradients
-from pcm_train.algorithm.batch import executed_actions, group_ids, shrink_batch
+from pcm_train.algorithm.diagnostics import flat_gradient
+from pcm_train.algorithm.batch import all_valid_chunks, executed_actions, group_ids, shrink_batch
 from pcm_train.config import load_config
 from pcm_train.algorithm.controller import STRATEGY_REGISTRY, PCMController
 
@@ -99,21 +99,14 @@ def synthetic_batch(args):
     return policy, load_config([f"pcm.budget={args.budget}"]), batch
 
 
-def _gradient(policy, kept: DataProto, cfg) -> torch.Tensor:
-    """float64 [P]: the flattened gradient of the kept chunks' loss (one mini-batch: the whole batch)."""
-    policy.zero_grad(set_to_none=True)
-    accumulate_gradients(policy, kept, cfg.actor)
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in policy.parameters() if p.requires_grad]
-    return torch.cat([g.reshape(-1) for g in grads]).double()
-
-
 def gradient_statistics(policy, cfg, batch: DataProto, *, budget: int, draws: int, seed: int = 0,
                         progress: bool = False) -> dict:
     """{"full_grad_norm", "rows": {rule: {estimator: {bias, variance, mse, cosine}}}} over ``draws`` selections."""
     L, D = cfg.rollout.action_chunk, cfg.rollout.action_dim
     start = policy.config.action_token_start
     kwargs = dict(action_chunk=L, action_dim=D)
-    full = _gradient(policy, shrink_batch(batch, _all_valid(batch, L), **kwargs), cfg)
+    every = all_valid_chunks(batch.batch["finish_step"], batch.batch["responses"].shape[1], L)
+    full = flat_gradient(policy, shrink_batch(batch, every, **kwargs), cfg.actor)
     norm2 = float(full.pow(2).sum())
     if norm2 == 0:
         raise ValueError("the full-batch gradient is zero (no group with mixed outcomes): no estimator to compare")
@@ -133,7 +126,7 @@ def gradient_statistics(policy, cfg, batch: DataProto, *, budget: int, draws: in
                 _, index, ht = pk.select_chunks(gripper, batch.batch["finish_step"], phase_weights, budget,
                                                 generator=generator, return_weights=True, **controller.label_kwargs)
                 kept = shrink_batch(batch, index, chunk_weights=ht if estimator == "unbiased" else None, **kwargs)
-                samples.append(_gradient(policy, kept, cfg))
+                samples.append(flat_gradient(policy, kept, cfg.actor))
                 bar.update()
             stacked = torch.stack(samples)
             mean = stacked.mean(0)
@@ -149,13 +142,6 @@ def gradient_statistics(policy, cfg, batch: DataProto, *, budget: int, draws: in
     bar.close()
     policy.zero_grad(set_to_none=True)
     return {"full_grad_norm": norm2 ** 0.5, "rows": rows}
-
-
-def _all_valid(batch: DataProto, action_chunk: int) -> torch.Tensor:
-    finish = batch.batch["finish_step"]
-    C = batch.batch["responses"].shape[1]
-    ids = torch.arange(C).expand(finish.shape[0], C)
-    return torch.where(ids < ((finish + action_chunk - 1) // action_chunk).unsqueeze(-1), ids, -1)
 
 
 def format_table(report: dict) -> str:

@@ -32,6 +32,7 @@ from pcm_train.training.evaluation import (PlannedEpisode, parse_decoders, plan_
                                           run_episodes)
 from pcm_train.training.rollout import Episode, RolloutStats, StopRequested, collect_rollouts, episode_seed
 from pcm_train.integrations.simplevla import pcm_shrink_batch
+from pcm_train.algorithm.diagnostics import selection_diagnostics
 
 NUM_INIT_STATES = 50  # every LIBERO task ships 50 fixed initial states
 
@@ -136,6 +137,9 @@ class Trainer:
         if cfg.trainer.overlap and self.dist.enabled:
             raise ValueError(f"trainer.overlap=true runs in a single process, got {self.dist.world_size} ranks "
                              "under torchrun: set trainer.overlap=false")
+        if cfg.trainer.diagnostics_every and self.dist.enabled:
+            raise ValueError(f"trainer.diagnostics_every runs in a single process, got {self.dist.world_size} ranks "
+                             "under torchrun: set trainer.diagnostics_every=0")
         if cfg.rollout.prompts_per_step * cfg.rollout.group_size < self.dist.world_size:
             raise ValueError(f"rollout.prompts_per_step x rollout.group_size ({cfg.rollout.prompts_per_step} x "
                              f"{cfg.rollout.group_size}) must be at least the {self.dist.world_size} ranks: every "
@@ -381,6 +385,12 @@ class Trainer:
                "rollout_time_s": rollout_time, "select_time_s": select_time, "rollout/policy_lag": policy_lag,
                "episode_steps_mean": float(batch.batch["finish_step"].float().mean()),
                **rollout_stats.metrics(), **_advantage_stats(advantages, mask), **selection.metrics}
+        every = cfg.trainer.diagnostics_every
+        if every and self.step % every == 0:
+            diag_started = time.perf_counter()
+            row.update(selection_diagnostics(self.policy, batch, kept, selection, cfg.actor,
+                                             action_chunk=L, action_dim=D))
+            row["diag/time_s"] = time.perf_counter() - diag_started
         return {"kept": kept, "row": row}
 
     def learn(self, payload: dict) -> dict:
