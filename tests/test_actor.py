@@ -45,14 +45,21 @@ def _grads(policy):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
 
 
-def _masked_full_batch_grads(policy, batch, index, cfg):
-    """Gradient of the full-batch loss (padded per-chunk forward of every chunk) with a 0/1 chunk mask."""
+def kept_chunk_mask(index, num_chunks):
+    """bool [N, num_chunks]: the chunks named by ``index`` int64 [N, B] (-1 = none)."""
+    kept = torch.zeros(index.shape[0], num_chunks, dtype=torch.bool)
+    traj, slot = (index >= 0).nonzero(as_tuple=True)
+    kept[traj, index[traj, slot]] = True
+    return kept
+
+
+def masked_dense_grads(policy, batch, chunk_kept, cfg):
+    """Gradient of the full-batch loss (padded per-chunk forward of every chunk) over the valid tokens of
+    the chunks ``chunk_kept`` bool [N, C] marks: one tensor per parameter."""
     N = batch.batch["responses"].shape[0]
     logits = policy.action_logits(batch.batch["input_ids"].flatten(0, 1), batch.batch["attention_mask"].flatten(0, 1),
                                   batch.batch["pixel_values"].flatten(0, 1))
     logp = policy.log_probs(logits, batch.batch["responses"].flatten(0, 1), cfg.actor.temperature).view(N, -1)
-    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
-    chunk_kept.scatter_(1, index.clamp(min=0), index >= 0)
     mask = token_mask(batch.batch["finish_step"], C) & chunk_kept.repeat_interleave(56, dim=1)
     traj = torch.arange(N).unsqueeze(-1).expand_as(mask)
     loss, _ = policy_loss(logp[mask], batch.batch["old_log_probs"][mask], batch.batch["advantages"][mask],
@@ -67,8 +74,7 @@ def _dense_masked_update(policy, batch, index, chunk_weights, cfg, mini_batch, g
     mask of kept valid tokens (x 1/q where ``chunk_weights`` [N, B] is given), one optimizer step
     (plain SGD) per mini-batch of a seeded permutation, ratios against the rollout's log-probs."""
     N = batch.batch["responses"].shape[0]
-    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
-    chunk_kept.scatter_(1, index.clamp(min=0), index >= 0)
+    chunk_kept = kept_chunk_mask(index, C)
     token_weight = torch.zeros(N, C)
     if chunk_weights is not None:
         token_weight.scatter_(1, index.clamp(min=0), torch.where(index >= 0, chunk_weights, 0.0))
@@ -208,7 +214,7 @@ def test_shrinking_equals_masking(policy, batch, micro):
     policy.zero_grad()
     accumulate_gradients(policy, kept, cfg.actor)
     shrunk = _grads(policy)
-    masked = _masked_full_batch_grads(policy, batch, sel.index, cfg)
+    masked = masked_dense_grads(policy, batch, kept_chunk_mask(sel.index, C), cfg)
     for a, b in zip(shrunk, masked):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in shrunk)
@@ -261,8 +267,7 @@ def test_update_trains_lora_only_and_scatters_log_probs(batch):
     assert any(not torch.equal(p, trainable[n]) for n, p in policy.named_parameters() if n in trainable)
     # LoRA starts as the identity: log-probs at the start equal the rollout's, in SimpleVLA-RL's layout
     N = fresh.batch["finish_step"].shape[0]
-    chunk_kept = torch.zeros(N, C, dtype=torch.bool)
-    chunk_kept.scatter_(1, sel.index.clamp(min=0), sel.index >= 0)
+    chunk_kept = kept_chunk_mask(sel.index, C)
     mask = token_mask(fresh.batch["finish_step"], C) & chunk_kept.repeat_interleave(56, dim=1)
     assert new_log_probs.shape == (N, C * 56)
     torch.testing.assert_close(new_log_probs[mask], fresh.batch["old_log_probs"][mask], rtol=1e-4, atol=1e-5)

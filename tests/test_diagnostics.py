@@ -3,13 +3,12 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pcm_train.algorithm.controller import PHASE_NAMES, PCMController
 from pcm_train.algorithm.diagnostics import advantage_mass_kept, selection_diagnostics
-from pcm_train.algorithm.grpo import policy_loss, token_mask
 from pcm_train.config import ConfigError, load_config
 from pcm_train.integrations.simplevla import pcm_shrink_batch
-from pcm_train.policies import SmallVLA, SmallVLAConfig
 from pcm_train.runtime.distributed import DistInfo
 from pcm_train.tools.synthetic import synthetic_rollout_batch
 from pcm_train.training.checkpoint import latest_checkpoint
@@ -17,16 +16,10 @@ from pcm_train.training.metrics_log import read_metrics
 from pcm_train.training.trainer import Trainer
 
 from fake_env import fake_pool_factory
+from test_actor import C, kept_chunk_mask, masked_dense_grads, policy  # noqa: F401 (policy: the fixture)
 from test_trainer import TINY
 
-C, L, D = 8, 8, 7
-
-
-@pytest.fixture(scope="module")
-def policy():
-    torch.manual_seed(0)
-    return SmallVLA(SmallVLAConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                   image_size=16, vision_width=32, vision_layers=1, vision_heads=2))
+L, D = 8, 7
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +35,11 @@ def _select(policy, batch, strategy):
 
 
 def _dense_gradient(policy, batch, chunk_kept, cfg):
-    """float64 [P]: every chunk through a padded forward, the loss over kept valid tokens (bool [N, C])."""
-    N = batch.batch["responses"].shape[0]
-    logits = policy.action_logits(batch.batch["input_ids"].flatten(0, 1), batch.batch["attention_mask"].flatten(0, 1),
-                                  batch.batch["pixel_values"].flatten(0, 1))
-    logp = policy.log_probs(logits, batch.batch["responses"].flatten(0, 1), cfg.actor.temperature).view(N, -1)
-    mask = token_mask(batch.batch["finish_step"], C) & chunk_kept.repeat_interleave(L * D, dim=1)
-    traj = torch.arange(N).unsqueeze(-1).expand_as(mask)
-    loss, _ = policy_loss(logp[mask], batch.batch["old_log_probs"][mask], batch.batch["advantages"][mask],
-                          traj[mask], N, cfg.actor.clip_ratio_low, cfg.actor.clip_ratio_high)
-    policy.zero_grad()
-    loss.backward()
-    flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
-                      for p in policy.parameters() if p.requires_grad]).double()
+    """float64 [P]: ``masked_dense_grads`` of the trainable parameters, flattened; gradients cleared after."""
+    grads = masked_dense_grads(policy, batch, chunk_kept, cfg)
+    flat = torch.cat([g.reshape(-1) for p, g in zip(policy.parameters(), grads) if p.requires_grad]).double()
     policy.zero_grad(set_to_none=True)
     return flat
-
-
-def _kept_chunks(selection):
-    kept = torch.zeros(selection.labels.shape, dtype=torch.bool)
-    for i, row in enumerate(selection.index.tolist()):
-        kept[i, [c for c in row if c >= 0]] = True
-    return kept
 
 
 @pytest.mark.parametrize("strategy", ["pcm", "random"])
@@ -74,7 +50,7 @@ def test_diagnostics_match_a_dense_masked_reference(policy, batch, strategy):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert all(p.grad is None for p in policy.parameters())
     full = _dense_gradient(policy, batch, selection.labels >= 0, cfg)
-    masked = _dense_gradient(policy, batch, _kept_chunks(selection), cfg)
+    masked = _dense_gradient(policy, batch, kept_chunk_mask(selection.index, C), cfg)
     assert out["diag/full_grad_norm"] == pytest.approx(float(full.norm()), rel=1e-4)
     assert out["diag/grad_cosine"] == pytest.approx(float(torch.nn.functional.cosine_similarity(masked, full, dim=0)),
                                                     abs=1e-4)
@@ -96,7 +72,7 @@ def test_advantage_mass_kept_counts_each_kept_valid_token(policy, batch):
     N = selection.labels.shape[0]
     finish = batch.batch["finish_step"].tolist()
     adv = batch.batch["advantages"].abs().view(N, C, L, D)
-    kept = _kept_chunks(selection)
+    kept = kept_chunk_mask(selection.index, C)
     for name, phase in [("", None)] + [(f"/{n}", p) for p, n in enumerate(PHASE_NAMES)]:
         total = part = 0.0
         for i in range(N):
@@ -134,7 +110,6 @@ def test_trainer_records_diagnostics_without_changing_the_run(tmp_path):
     assert mixed, "the fake env gave no step with mixed outcomes"
     for b in mixed:
         assert 0 < b["diag/adv_mass_kept"] < 1 and -1 <= b["diag/grad_cosine"] <= 1 and b["diag/full_grad_norm"] > 0
-    from safetensors.torch import load_file
     final = [load_file(str(next((latest_checkpoint(d) / "policy").glob("*.safetensors")))) for d in (plain, diagnosed)]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])

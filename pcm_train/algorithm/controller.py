@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 import pcm_kernels as pk
+from pcm_train.algorithm.batch import all_valid_chunks
 from pcm_train.config import PCMSection
 
 PHASE_NAMES = [p.name.lower() for p in pk.Phase]
@@ -137,7 +138,7 @@ class PCMController:
         unbiased = self.cfg.estimator == "unbiased"
         weights = None
         if phase_weights is None:
-            index = self._all_valid(labels)
+            index = all_valid_chunks(num_steps, labels.shape[1], gripper.shape[2])
             if unbiased:
                 weights = (index >= 0).to(torch.float32)
         else:
@@ -156,12 +157,6 @@ class PCMController:
             return self.generator
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         return torch.Generator(device=device).manual_seed(seed)
-
-    @staticmethod
-    def _all_valid(labels: torch.Tensor) -> torch.Tensor:
-        C = labels.shape[1]
-        ids = torch.arange(C, device=labels.device).expand_as(labels)
-        return torch.where(labels >= 0, ids, -1)
 
     def _metrics(self, sel: Selection, refreshed: bool) -> dict:
         labels = sel.labels.long()
