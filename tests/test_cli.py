@@ -16,6 +16,7 @@ COMMANDS = [
     ("pcm_train.merge_lora", ["/nonexistent/base", "/nonexistent/adapters", "/tmp/out"], "/nonexistent"),
     ("pcm_train.estimator_variance", ["--draws", "0"], "--draws"),
     ("pcm_train.compare_update", ["--budget", "0"], "--budget"),
+    ("pcm_train.gradient_signal", ["--prompts", "1"], "--prompts"),
 ]
 
 
