@@ -1,10 +1,11 @@
 """Bias and variance of the masked gradient: the paper's (biased) PCM estimator vs the unbiased 1/q one.
 
-    python -m pcm_train.estimator_variance [--source libero|synthetic] [--draws 100] [--budget 12]
-        [--prompts 8] [--group-size 4] [--seed 0] [--json]
+    python -m pcm_train.estimator_variance [--source libero|metaworld|synthetic] [--draws 100] [--budget 12]
+        [--prompts 8] [--group-size 4] [--temperature T] [--seed 0] [--json]
 
 On one rollout batch (``libero``: the committed SFT policy's state-mode rollouts on LIBERO-Object,
-as in the study; ``synthetic``: ``pcm_train.tools.synthetic`` on a fresh small policy), computes the
+as in the study; ``metaworld``: the MetaWorld few-demo start's, ``docs/results/metaworld_fewdemo/``;
+``synthetic``: ``pcm_train.tools.synthetic`` on a fresh small policy), computes the
 GRPO gradient over every valid chunk, ``g``, then for each selection rule (``pcm``, ``random``)
 and estimator (``biased``, ``unbiased``) the masked gradients ``ĝ`` of ``--draws`` independent
 selections (same keep probabilities, fresh draws). Per row: relative bias ``||E ĝ − g|| / ||g||``,
@@ -20,7 +21,6 @@ import json
 import platform
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 from verl import DataProto
@@ -30,15 +30,21 @@ from pcm_train.cli import argument_parser, run_command
 from pcm_train.algorithm.diagnostics import flat_gradient
 from pcm_train.algorithm.batch import all_valid_chunks, executed_actions, group_ids, shrink_batch
 from pcm_train.config import load_config
+from pcm_train.tools.rollout_batch import rollout_batch
 from pcm_train.algorithm.controller import STRATEGY_REGISTRY, PCMController
 
 RULES = ("pcm", "random")
+# env sources: (trainer preset, start policy): the LIBERO-Object study's and the MetaWorld few-demo start
+ENV_SOURCES = {"libero": ("study", "docs/results/libero_object_first/init_policy"),
+               "metaworld": ("study_metaworld", "docs/results/metaworld_fewdemo/init_policy")}
 ESTIMATORS = ("biased", "unbiased")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argument_parser("pcm_train.estimator_variance", __doc__)
-    ap.add_argument("--source", choices=("libero", "synthetic"), default="libero")
+    ap.add_argument("--source", choices=(*ENV_SOURCES, "synthetic"), default="libero")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="rollout and loss temperature of an env source (default: its preset's)")
     ap.add_argument("--draws", type=int, default=100, help="selections per rule and estimator (default 100)")
     ap.add_argument("--budget", type=int, default=12, help="B, chunks kept per trajectory (default 12)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts in the batch (default 8)")
@@ -51,39 +57,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.group_size < 2:
         ap.error("--group-size must be >= 2 (GRPO needs a group)")
+    if args.temperature is not None and not args.temperature > 0:
+        ap.error(f"--temperature must be > 0, got {args.temperature}")
     return args
 
 
-def libero_batch(args):
-    """(policy, cfg, batch with advantages): the study's SFT policy rolled out on camera-less LIBERO-Object."""
-    from pcm_train.algorithm.grpo import grpo_advantages, token_mask
-    from pcm_train.policies.factory import build_policy
-    from pcm_train.training.rollout import Episode, collect_rollouts
-    from pcm_train.tools.study import SUITE_DEFAULTS
-    from pcm_train.training.trainer import NUM_INIT_STATES, make_env_pool
-
-    libero = SUITE_DEFAULTS["libero_object"]
-    cfg = load_config([f"preset={libero['preset']}", f"policy.path={libero['init']}",
-                       f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
-                       "actor.ppo_mini_batch=1", f"trainer.seed={args.seed}",
-                       f"actor.micro_batch_trajectories={args.prompts * args.group_size}"])
-    torch.manual_seed(args.seed)
-    policy = build_policy(cfg.policy, device=torch.device("cpu"))
-    rng = np.random.default_rng(args.seed)
-    train_states = NUM_INIT_STATES - cfg.env.val_init_states
-    episodes = [Episode(int(t), int(s), f"prompt{i}")
-                for i, (t, s) in enumerate(zip(rng.integers(0, 10, args.prompts),
-                                               rng.integers(0, train_states, args.prompts)))
-                for _ in range(args.group_size)]
-    pool = make_env_pool(cfg, image_size=policy.config.image_size)
-    try:
-        batch = collect_rollouts(policy, pool, episodes, max_chunks=cfg.rollout.max_chunks,
-                                 temperature=cfg.actor.temperature,
-                                 generator=torch.Generator().manual_seed(args.seed))
-    finally:
-        pool.close()
-    mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks)
-    batch.batch["advantages"] = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
+def env_batch(args):
+    """(policy, cfg, batch with advantages): the source's study start rolled out on its state-mode suite."""
+    preset, init = ENV_SOURCES[args.source]
+    policy, cfg, batch, _ = rollout_batch(preset, init, prompts=args.prompts, group_size=args.group_size,
+                                          seed=args.seed, temperature=args.temperature,
+                                          overrides=["actor.ppo_mini_batch=1",
+                                                     f"actor.micro_batch_trajectories={args.prompts * args.group_size}"])
     return policy, cfg, batch
 
 
@@ -164,7 +149,7 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    policy, cfg, batch = (libero_batch if args.source == "libero" else synthetic_batch)(args)
+    policy, cfg, batch = (synthetic_batch if args.source == "synthetic" else env_batch)(args)
     stats = gradient_statistics(policy, cfg, batch, budget=args.budget, draws=args.draws, seed=args.seed,
                                 progress=not args.json)
     L = cfg.rollout.action_chunk

@@ -37,6 +37,7 @@ from pcm_train.algorithm.batch import all_valid_chunks, shrink_batch
 from pcm_train.algorithm.diagnostics import flat_gradient
 from pcm_train.cli import argument_parser, run_command
 from pcm_train.config import load_config
+from pcm_train.tools.rollout_batch import rollout_batch
 
 
 def signal_statistics(grads: torch.Tensor, prompts: Optional[Sequence[int]] = None) -> dict:
@@ -110,32 +111,9 @@ def group_gradients(policy, cfg, batch: DataProto, group_size: int, dims: Option
 
 def env_batch(args, overrides: list[str]):
     """(policy, cfg, batch with advantages, prompt of each group): rollouts on the preset's suite."""
-    from pcm_train.algorithm.grpo import grpo_advantages, token_mask
-    from pcm_train.envs.families import list_tasks
-    from pcm_train.policies.factory import build_policy
-    from pcm_train.training.rollout import Episode, collect_rollouts
-    from pcm_train.training.trainer import draw_prompts, make_env_pool
-
-    cfg = load_config([f"preset={args.preset}", *([f"policy.path={args.init}"] if args.init else []),
-                       f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group_size}",
-                       f"actor.temperature={args.temperature}", f"trainer.seed={args.seed}",
-                       f"actor.micro_batch_trajectories={args.group_size}", *overrides])
-    torch.manual_seed(args.seed)
-    policy = build_policy(cfg.policy, device=torch.device("cpu"))
-    tasks = cfg.env.task_ids or [t.task_id for t in list_tasks(cfg.env.suite)]
-    distinct = draw_prompts(np.random.default_rng(args.seed), tasks, args.prompts // args.repeats,
-                            cfg.env.val_init_states)
-    prompts = [k for k in range(len(distinct)) for _ in range(args.repeats)]
-    episodes = [Episode(*distinct[p], f"group{g}") for g, p in enumerate(prompts) for _ in range(args.group_size)]
-    pool = make_env_pool(cfg, image_size=policy.config.image_size)
-    try:
-        batch = collect_rollouts(policy, pool, episodes, max_chunks=cfg.rollout.max_chunks,
-                                 temperature=cfg.actor.temperature, generator=torch.Generator().manual_seed(args.seed))
-    finally:
-        pool.close()
-    mask = token_mask(batch.batch["finish_step"], cfg.rollout.max_chunks)
-    batch.batch["advantages"] = grpo_advantages(batch.batch["complete"], batch.non_tensor_batch["uid"], mask)
-    return policy, cfg, batch, prompts
+    return rollout_batch(args.preset, args.init or None, prompts=args.prompts, group_size=args.group_size,
+                         seed=args.seed, temperature=args.temperature, repeats=args.repeats,
+                         overrides=[f"actor.micro_batch_trajectories={args.group_size}", *overrides])
 
 
 def synthetic_batch(args, overrides: list[str]):
