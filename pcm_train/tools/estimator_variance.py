@@ -30,13 +30,11 @@ from pcm_train.cli import argument_parser, run_command
 from pcm_train.algorithm.diagnostics import flat_gradient
 from pcm_train.algorithm.batch import all_valid_chunks, executed_actions, group_ids, shrink_batch
 from pcm_train.config import load_config
-from pcm_train.tools.rollout_batch import rollout_batch
+from pcm_train.tools.rollout_batch import METAWORLD_FEWDEMO_START, rollout_batch
 from pcm_train.algorithm.controller import STRATEGY_REGISTRY, PCMController
 
 RULES = ("pcm", "random")
-# env sources: (trainer preset, start policy): the LIBERO-Object study's and the MetaWorld few-demo start
-ENV_SOURCES = {"libero": ("study", "docs/results/libero_object_first/init_policy"),
-               "metaworld": ("study_metaworld", "docs/results/metaworld_fewdemo/init_policy")}
+ENV_SOURCES = ("libero", "metaworld")  # the LIBERO-Object study's start, the MetaWorld few-demo start
 ESTIMATORS = ("biased", "unbiased")
 
 
@@ -64,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def env_batch(args):
     """(policy, cfg, batch with advantages): the source's study start rolled out on its state-mode suite."""
-    preset, init = ENV_SOURCES[args.source]
+    from pcm_train.tools.study import SUITE_DEFAULTS
+
+    libero = SUITE_DEFAULTS["libero_object"]
+    preset, init = ((libero["preset"], libero["init"]) if args.source == "libero"
+                    else ("study_metaworld", METAWORLD_FEWDEMO_START))
     policy, cfg, batch, _ = rollout_batch(preset, init, prompts=args.prompts, group_size=args.group_size,
                                           seed=args.seed, temperature=args.temperature,
                                           overrides=["actor.ppo_mini_batch=1",

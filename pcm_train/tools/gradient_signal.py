@@ -37,7 +37,7 @@ from pcm_train.algorithm.batch import all_valid_chunks, shrink_batch
 from pcm_train.algorithm.diagnostics import flat_gradient
 from pcm_train.cli import argument_parser, run_command
 from pcm_train.config import load_config
-from pcm_train.tools.rollout_batch import rollout_batch
+from pcm_train.tools.rollout_batch import METAWORLD_FEWDEMO_START, rollout_batch
 
 
 def signal_statistics(grads: torch.Tensor, prompts: Optional[Sequence[int]] = None) -> dict:
@@ -49,16 +49,16 @@ def signal_statistics(grads: torch.Tensor, prompts: Optional[Sequence[int]] = No
     gram = (grads.double() @ grads.double().T)
     off = ~torch.eye(n, dtype=torch.bool)
 
-    def fraction(rows):
+    def moments(rows):
+        """(signal, second moment) over the groups ``rows``."""
         sub = gram[rows][:, rows]
         m = len(rows)
-        return float((sub.sum() - sub.diag().sum()) / (m * (m - 1))) / float(sub.diag().mean())
+        return float((sub.sum() - sub.diag().sum()) / (m * (m - 1))), float(sub.diag().mean())
 
-    signal = float(gram[off].mean())
-    second = float(gram.diag().mean())
+    signal, second = moments(list(range(n)))
     if second == 0:
         raise ValueError("every group gradient is zero: no signal to measure")
-    loo = np.array([fraction([j for j in range(n) if j != k]) for k in range(n)])
+    loo = np.array([a / b for a, b in (moments([j for j in range(n) if j != k]) for k in range(n))])
     norms = gram.diag().sqrt()
     cos = gram / (norms.unsqueeze(0) * norms.unsqueeze(1)).clamp_min(1e-300)
     out = {"groups": n, "signal": signal, "second_moment": second, "signal_fraction": signal / second,
@@ -142,7 +142,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
     ap = argument_parser("pcm_train.gradient_signal", __doc__)
     ap.add_argument("--source", choices=("env", "synthetic"), default="env")
     ap.add_argument("--preset", default="study_metaworld", help="trainer preset of the rollouts (default study_metaworld)")
-    ap.add_argument("--init", default="docs/results/metaworld_fewdemo/init_policy",
+    ap.add_argument("--init", default=METAWORLD_FEWDEMO_START,
                     help="policy checkpoint (default: the MetaWorld few-demo start); '' = the preset's")
     ap.add_argument("--prompts", type=int, default=32, help="groups rolled out (default 32)")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per group (default 8)")
@@ -185,13 +185,13 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     policy, cfg, batch, prompts = (env_batch if args.source == "env" else synthetic_batch)(args, overrides)
+    common = {"source": args.source, "temperature": args.temperature, "seed": args.seed,
+              "success_rate": float(batch.batch["complete"].float().mean()),
+              "device": f"cpu ({platform.processor() or platform.machine()})"}
     rows = []
     for dims in args.dims:
         grads, groups = group_gradients(policy, cfg, batch, args.group_size, dims, progress=not args.json)
-        rows.append({"dims": "all" if dims is None else ",".join(map(str, dims)),
-                     "source": args.source, "temperature": args.temperature, "seed": args.seed,
-                     "success_rate": float(batch.batch["complete"].float().mean()),
-                     "device": f"cpu ({platform.processor() or platform.machine()})",
+        rows.append({"dims": "all" if dims is None else ",".join(map(str, dims)), **common,
                      **signal_statistics(grads, [prompts[g] for g in groups])})
     print("\n".join(json.dumps(r) for r in rows) if args.json else format_table(rows))
     return 0

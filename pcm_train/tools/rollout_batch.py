@@ -8,6 +8,9 @@ import torch
 
 from pcm_train.config import load_config
 
+# the MetaWorld start cloned on 20 demos per task (docs/results/metaworld_fewdemo/)
+METAWORLD_FEWDEMO_START = "docs/results/metaworld_fewdemo/init_policy"
+
 
 def rollout_batch(preset: str, init: Optional[str], *, prompts: int, group_size: int, seed: int,
                   temperature: Optional[float] = None, repeats: int = 1, overrides: Sequence[str] = ()):
