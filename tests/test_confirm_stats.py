@@ -199,3 +199,95 @@ def test_seeds_for_tost_power_is_the_first_count_that_reaches_it():
         cs.tost_power(0.05, 1, 0.05)
     with pytest.raises(ValueError, match="power must lie in"):
         cs.seeds_for_tost_power(0.05, 0.05, power=1.0)
+
+
+DEPLOY_STEPS = tuple(range(0, 81, 10))
+CELLS = (("held_out", "greedy"), ("held_out", "sample@1.0"))
+
+
+def _held_out_validation(gains: dict[str, float], seeds=range(10), episodes=200, start=0.35, seed=8):
+    """Validation rows per variant and seed in both cells: every run's start is the seed's same outcomes
+    (one start policy); after training, each episode succeeds with probability start + gain, a per-seed
+    run effect of SD 0.02 added."""
+    rng = np.random.default_rng(seed)
+    validation = {v: {} for v in gains}
+    for s in seeds:
+        first = {cell: rng.random(episodes) < start for cell in CELLS}
+        for v, gain in gains.items():
+            run_effect = rng.normal(0, 0.02)
+            rows = []
+            for t in DEPLOY_STEPS:
+                for set_name, decoder in CELLS:
+                    outcomes = first[(set_name, decoder)] if t == 0 else rng.random(episodes) < start + gain + run_effect
+                    rows += [{"step": t - 1, "trained_steps": t, "set": set_name, "decoder": decoder, "task": i % 4,
+                              "placement": 50 + i // 4, "seed": None if decoder == "greedy" else 1000 + i,
+                              "success": bool(x)} for i, x in enumerate(outcomes)]
+            validation[v][s] = rows
+    return validation
+
+
+def test_held_out_endpoint_averages_paired_points_and_frozen_is_the_runs_start():
+    validation = _held_out_validation({"full": 0.2, "pcm": 0.2})
+    points = (50, 60, 70, 80)
+    d = cs.held_out_endpoint(validation, "full", "frozen", points)
+    for s in (0, 7):
+        start = cs.validation_outcomes(validation["full"][s], 0)
+        expected = np.mean([np.mean([cs.validation_outcomes(validation["full"][s], t)[k] - start[k] for k in start])
+                            for t in points])
+        assert d[s] == pytest.approx(expected)
+    assert np.mean(list(d.values())) == pytest.approx(0.2, abs=0.03)
+    b = cs.held_out_endpoint(validation, "pcm", "full", points, CELLS[1])
+    x, y = (cs.validation_outcomes(validation[v][3], 70, CELLS[1]) for v in ("pcm", "full"))
+    assert set(x) == set(y) and len(x) == 200  # sampled episodes pair by their own stream too
+    assert abs(np.mean(list(b.values()))) < 0.03
+    # a seed lacking a point is left out, never averaged over fewer points
+    validation["pcm"][4] = [r for r in validation["pcm"][4] if r["trained_steps"] != 60]
+    assert 4 not in cs.held_out_endpoint(validation, "pcm", "full", points)
+    with pytest.raises(ValueError, match="at least one validation point"):
+        cs.held_out_endpoint(validation, "pcm", "full", ())
+
+
+def test_held_out_claims_decide_known_answers_with_holm_over_three():
+    points, seeds = (50, 60, 70, 80), list(range(10))
+    claims = cs.confirm_held_out_claims(_held_out_validation({"full": 0.2, "pcm": 0.2, "random": 0.1}), points, seeds)
+    assert [(c["id"], c["decision"]) for c in claims] == [("a", "holds"), ("b", "holds"), ("c", "holds")]
+    assert {c["holm"]["threshold"] for c in claims} == {0.05 / 3, 0.05 / 2, 0.05}
+    assert claims[0]["points"] == list(points) and claims[0]["cell"] == ["held_out", "greedy"]
+    # no learning and pcm a margin behind: nothing holds
+    claims = cs.confirm_held_out_claims(_held_out_validation({"full": 0.0, "pcm": -0.07, "random": 0.0}), points, seeds)
+    assert [c["decision"] for c in claims] == ["not shown"] * 3
+    with pytest.raises(ValueError, match=r"seeds \[10\]"):
+        cs.confirm_held_out_claims(_held_out_validation({"full": 0.2, "pcm": 0.2, "random": 0.1}), points,
+                                   list(range(11)))
+
+
+def test_held_out_section_waits_for_every_run_then_reports_the_protocol(tmp_path):
+    protocol = Protocol(primary=("full", "pcm", "random"), seeds=tuple(range(10)), window=(0, 80),
+                        validation_steps=DEPLOY_STEPS, exploratory_windows=((40, 80),), endpoint="held_out",
+                        claims=("a", "b", "c"), points=(50, 60, 70, 80), cells=CELLS, target=0.5)
+    validation = _held_out_validation({"full": 0.2, "pcm": 0.2, "random": 0.1})
+    runs = {v: {s: [{"step": i, "success_rate": 0.5, "update_time_s": 2.0} for i in range(80)] for s in range(10)}
+            for v in validation}
+    partial = {v: dict(seeds) for v, seeds in validation.items()}
+    partial["random"][7] = [r for r in partial["random"][7] if r["trained_steps"] != 80]
+    lines, numbers, _ = confirm_section(runs, partial, protocol, tmp_path)
+    assert "**In progress**" in "\n".join(lines) and "claims" not in numbers
+    assert numbers["missing_runs"] == ["random seed7"]
+    short = {v: dict(seeds) for v, seeds in runs.items()}
+    short["pcm"][2] = short["pcm"][2][:79]
+    assert confirm_section(short, validation, protocol, tmp_path)[1]["missing_runs"] == ["pcm seed2"]
+    lines, numbers, figures = confirm_section(runs, validation, protocol, tmp_path)
+    text = "\n".join(lines)
+    assert [c["decision"] for c in numbers["claims"]] == ["holds", "holds", "holds"]
+    assert "| (a) GRPO learns" in text and "(d)" not in text and "sample@1.0 on held-out prompts" in text
+    assert [c["id"] for c in numbers["secondary"]["held_out/sample@1.0"]] == ["a", "b", "c"]
+    start = numbers["success"]["held_out/greedy"]["frozen"]["80"]["mean"]
+    assert start == pytest.approx(np.mean([np.mean(list(cs.validation_outcomes(validation["full"][s], 0).values()))
+                                           for s in range(10)]))
+    reached = numbers["to_target"]["full"]["reached"]
+    assert reached and all(r["steps"] >= 10 and r["update_s"] == 2.0 * r["steps"] for r in reached.values())
+    assert figures[0].name == "held_out_curves.png" and figures[0].is_file()
+    json.dumps(numbers, default=list)
+    with pytest.raises(ValueError, match="points"):
+        Protocol(primary=("full",), seeds=(0, 1), window=(0, 80), validation_steps=DEPLOY_STEPS, endpoint="held_out",
+                 points=(0,))

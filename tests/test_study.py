@@ -176,6 +176,27 @@ def test_confirm_suite_is_the_metaworld_study_with_the_protocols_horizon_and_val
     assert order[49] == (9, "top_phase") and order[50:] == [(s, "pcm_unbiased") for s in range(10)]
 
 
+def test_deploy_suite_is_the_fewdemo_metaworld_study_with_the_pilots_batch_and_held_out_validation(monkeypatch):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    options, extra = study.parse_args(["suite=metaworld_deploy"])
+    protocol = study.PROTOCOLS["metaworld_deploy"]
+    assert options.seeds == list(protocol.seeds) and min(options.seeds) >= 100  # never the replication seeds 20-99
+    assert options.init == "docs/results/metaworld_fewdemo/init_policy" and options.variants == ["full", "pcm", "random"]
+    deploy = load_config(study.run_overrides(options, "pcm", 200, extra))
+    pilot, _ = study.parse_args(["suite=metaworld", "init=docs/results/metaworld_fewdemo/init_policy"])
+    original = load_config(study.run_overrides(pilot, "pcm", 200, []))
+    a, b = config_to_dict(deploy), config_to_dict(original)
+    changed = {(section, key): a[section][key] for section in a if isinstance(a[section], dict)
+               for key in a[section] if a[section][key] != b[section][key] and key != "output_dir"}
+    assert changed == {("rollout", "prompts_per_step"): 8, ("actor", "ppo_mini_batch"): 2,
+                       ("actor", "temperature"): 1.0, ("trainer", "total_steps"): 80, ("trainer", "val_every"): 10,
+                       ("trainer", "val_episodes"): 200}
+    assert deploy.trainer.val_decoders == ["greedy", "sample@1.0"] and deploy.trainer.val_sets == ["held_out"]
+    assert protocol.endpoint == "held_out" and set(protocol.points) <= set(range(41, 81))  # the second half
+    assert study.run_order(options)[:3] == [(options.seeds[0], v) for v in ("full", "pcm", "random")]
+
+
 def test_report_only_needs_runs(tmp_path):
     options, extra = _study(tmp_path, "report_only=true")
     with pytest.raises(ValueError, match="no study runs"):

@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcm_train.tools.confirm_stats import (CLAIMS, confirm_claims, validation_difference,  # noqa: E402
-                                           validation_success)
+from pcm_train.tools.confirm_stats import (CLAIMS, confirm_claims, confirm_held_out_claims,  # noqa: E402
+                                           validation_difference, validation_outcomes, validation_success)
 from pcm_train.tools.report import save_figure  # noqa: E402
 from pcm_train.tools.study_stats import format_interval, paired_difference, t_band  # noqa: E402
 from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa: E402
@@ -26,15 +26,32 @@ from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa
 
 @dataclass(frozen=True)
 class Protocol:
-    """What a confirmatory study tests, fixed before its first run."""
+    """What a confirmatory study tests, fixed before its first run.
+
+    ``endpoint="training"``: the claims compare training success over ``window``. ``endpoint="held_out"``:
+    they compare validation success in ``cells[0]`` averaged over ``points``, paired per episode within a
+    seed (``confirm_stats.held_out_endpoint``; ``frozen`` is each run's own validation before training),
+    every run needing ``window[1]`` steps; ``cells[1:]`` are secondary endpoints on the same claims."""
 
     primary: tuple[str, ...]  # the variants the claims compare
     seeds: tuple[int, ...]
-    window: tuple[int, int]  # primary endpoint: steps [start, stop) (0-based rows; (40, 80) = steps 41-80)
+    window: tuple[int, int]  # training endpoint: steps [start, stop) (0-based rows; (40, 80) = steps 41-80)
     validation_steps: tuple[int, ...]  # held-out validation after these many steps; the last is the secondary
     margin: float = 0.05  # claim (b): |pcm - full| < margin
-    alpha: float = 0.05  # family-wise, Holm over the four claims
+    alpha: float = 0.05  # family-wise, Holm over the claims
     exploratory_windows: tuple[tuple[int, int], ...] = ()
+    endpoint: str = "training"  # or "held_out"
+    claims: tuple[str, ...] = ("a", "b", "c", "d")  # ids in confirm_stats.CLAIMS
+    points: tuple[int, ...] = ()  # held_out: the validation points (trained steps) the endpoint averages
+    cells: tuple[tuple[str, str], ...] = (("held_out", "greedy"),)  # held_out: (set, decoder), primary first
+    target: float | None = None  # held_out: success that counts as reached (steps and time to it, secondary)
+
+    def __post_init__(self):
+        if self.endpoint not in ("training", "held_out"):
+            raise ValueError(f"endpoint must be 'training' or 'held_out', got {self.endpoint!r}")
+        if self.endpoint == "held_out" and not (self.points and set(self.points) <= set(self.validation_steps) - {0}):
+            raise ValueError(f"points {self.points} must be validation steps after training, "
+                             f"from {self.validation_steps}")
 
 
 def collect_validation(root: Path, runs) -> dict[str, dict[int, list[dict]]]:
@@ -48,11 +65,22 @@ def collect_validation(root: Path, runs) -> dict[str, dict[int, list[dict]]]:
     return out
 
 
-def primary_complete(runs, protocol: Protocol) -> list[str]:
-    """The (variant, seed) runs the confirmatory test still lacks ("variant seedK"), each needing
-    ``window[1]`` steps."""
-    return [f"{v} seed{s}" for v in protocol.primary for s in protocol.seeds
-            if len(runs.get(v, {}).get(s, [])) < protocol.window[1]]
+def primary_complete(runs, protocol: Protocol, validation=None) -> list[str]:
+    """The (variant, seed) runs the confirmatory test still lacks ("variant seedK"): each needs ``window[1]``
+    steps, and for a held-out endpoint its validation before training and at every point in every cell
+    (``frozen`` is then no run of its own: it is each run's validation before training)."""
+    if protocol.endpoint == "training":
+        return [f"{v} seed{s}" for v in protocol.primary for s in protocol.seeds
+                if len(runs.get(v, {}).get(s, [])) < protocol.window[1]]
+    validation = validation or {}
+    missing = []
+    for v in (v for v in protocol.primary if v != "frozen"):
+        for s in protocol.seeds:
+            rows = validation.get(v, {}).get(s, [])
+            validated = all(validation_outcomes(rows, t, cell) for t in (0, *protocol.points) for cell in protocol.cells)
+            if len(runs.get(v, {}).get(s, [])) < protocol.window[1] or not validated:
+                missing.append(f"{v} seed{s}")
+    return missing
 
 
 def _p(p: float) -> str:
@@ -122,7 +150,8 @@ def exploratory(runs, validation, protocol: Protocol) -> tuple[list[str], dict]:
         lines.append(f"| {variant} − {reference} | " + " | ".join(format_interval(d) for d in ds)
                      + f" | {ds[0]['seeds']} |")
     last = protocol.validation_steps[-1]
-    held = [("random", "full"), ("top_phase", "full")] + [(v, "full") for v in runs if v not in protocol.primary]
+    held = [(v, "full") for v in ("random", "top_phase") if v in runs] + [(v, "full") for v in runs
+                                                                           if v not in protocol.primary]
     lines += ["", f"Held-out success after {last} steps, paired per episode (exploratory):", "",
               "| difference | estimate [95% CI] | seeds |", "|---|---|---|"]
     for variant, reference in held:
@@ -169,6 +198,8 @@ def fig_confirm(runs, protocol: Protocol, out: Path) -> Path:
 
 def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[list[str], dict, list[Path]]:
     """Markdown lines, JSON-ready numbers and figures of the confirmatory section."""
+    if protocol.endpoint == "held_out":
+        return held_out_section(runs, validation, protocol, out)
     a, b = protocol.window
     missing = primary_complete(runs, protocol)
     lines = ["## Confirmatory analysis (fixed before the runs)", "",
@@ -201,5 +232,135 @@ def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[li
     lines += ["## Exploratory (not part of the claims)", "",
               "Other windows, the arms outside the claims and other held-out comparisons: 95% t-intervals over the "
               "seeds each has, no tests, no corrections.", "", *exp_lines, "",
+              *[f"![{p.stem}]({p.name})" for p in figures], ""]
+    return lines, numbers, figures
+
+
+def _cell_name(cell: tuple[str, str]) -> str:
+    return f"{cell[1]} on {cell[0].replace('_', '-')} prompts"
+
+
+def held_out_success_table(validation, protocol: Protocol, variants: list[str], cell) -> tuple[list[str], dict]:
+    """Success in ``cell`` per variant at every validation point, mean over seeds [95% t-interval]; ``frozen``
+    is the start (each seed's validation before training, of ``full``'s run)."""
+    steps = protocol.validation_steps
+    rows = {"frozen": {str(t): validation_success(validation, "full", 0, cell) for t in steps}}
+    rows.update({v: {str(t): validation_success(validation, v, t, cell) for t in steps}
+                 for v in variants if v != "frozen"})
+    lines = ["| variant | " + " | ".join(f"after {t}" for t in steps) + " | seeds |", "|" + "---|" * (len(steps) + 2)]
+    for v, cells in rows.items():
+        seeds = max((c["seeds"] for c in cells.values() if c), default=0)
+        lines.append(f"| {v} | " + " | ".join(format_interval(cells[str(t)], ".3f") for t in steps) + f" | {seeds} |")
+    return lines, rows
+
+
+def steps_to_target(runs, validation, protocol: Protocol, variants: list[str]) -> tuple[list[str], dict]:
+    """Per variant and seed, the first validation point after training at which success in ``cells[0]``
+    reaches ``target``, and the actor update seconds (``update_time_s``, summed over the steps before it)
+    spent to get there: seeds reached, mean steps and mean update seconds over the seeds that reached it."""
+    cell, numbers = protocol.cells[0], {}
+    lines = [f"| variant | seeds reaching {protocol.target:g} | steps to it (mean over those) "
+             "| actor update seconds to it (mean over those) |", "|---|---|---|---|"]
+    for v in variants:
+        if v == "frozen":
+            continue
+        reached = {}
+        for seed, rows in sorted(validation.get(v, {}).items()):
+            for t in (t for t in protocol.validation_steps if t > 0):
+                outcomes = validation_outcomes(rows, t, cell)
+                if outcomes and np.mean(list(outcomes.values())) >= protocol.target:
+                    metrics = runs.get(v, {}).get(seed, [])
+                    reached[seed] = {"steps": t, "update_s": float(sum(r.get("update_time_s", 0.0) for r in metrics[:t]))}
+                    break
+        numbers[v] = {"seeds": len(validation.get(v, {})), "reached": reached}
+        mean = (lambda key: f"{np.mean([r[key] for r in reached.values()]):.1f}" if reached else "—")  # noqa: E731
+        lines.append(f"| {v} | {len(reached)} of {len(validation.get(v, {}))} | {mean('steps')} | {mean('update_s')} |")
+    return lines, numbers
+
+
+def fig_held_out(validation, protocol: Protocol, variants: list[str], out: Path) -> Path:
+    """Success per validation point, one panel per cell: mean over seeds with a 95% t-band per variant; the
+    start dashed, the endpoint's points shaded."""
+    fig, axes = plt.subplots(1, len(protocol.cells), figsize=(6.5 * len(protocol.cells), 4.4), squeeze=False)
+    steps = list(protocol.validation_steps)
+    for ax, cell in zip(axes[0], protocol.cells):
+        start = validation_success(validation, "full", 0, cell)
+        if start:
+            ax.axhline(start["mean"], color="black", lw=0.8, ls="--", label="start (frozen)")
+        for v in (v for v in variants if v != "frozen"):
+            seeds = validation.get(v, {})
+            curves = [[np.mean(list(validation_outcomes(rows, t, cell).values()) or [np.nan]) for t in steps]
+                      for rows in seeds.values()]
+            curves = [c for c in curves if np.isfinite(c).all()]
+            if not curves:
+                continue
+            mean, low, high = t_band(curves)
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, lw=1, label=f"{v} ({len(curves)} seeds)")
+            if np.isfinite(low).any():
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
+        ax.axvspan(min(protocol.points) - 0.5, max(protocol.points) + 0.5, color="grey", alpha=0.08)
+        ax.set(xlabel="trained steps", ylabel="success", ylim=(-0.02, 1.02), title=_cell_name(cell))
+        ax.legend(fontsize=7)
+    return save_figure(fig, out / "held_out_curves.png", dpi=100)
+
+
+def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[list[str], dict, list[Path]]:
+    """The confirmatory section of a held-out-endpoint protocol: the claims on ``cells[0]`` (Holm), the same
+    comparisons on the other cells (secondary), success per validation point, steps to ``target``, and the
+    exploratory training-success windows."""
+    primary_cell, points = protocol.cells[0], protocol.points
+    missing = primary_complete(runs, protocol, validation)
+    ids = ", ".join(f"({c[0]})" for c in CLAIMS if c[0] in protocol.claims)
+    lines = ["## Confirmatory analysis (fixed before the runs)", "",
+             f"Primary endpoint: per seed, success {_cell_name(primary_cell)}, averaged over the validation points "
+             f"after {', '.join(str(t) for t in points)} steps, of one variant minus another, paired per episode "
+             "within the seed; `frozen` is the seed's validation before training. Seeds "
+             f"{list(protocol.seeds)}. One-sided Student-t tests over the {len(protocol.seeds)} per-seed values "
+             f"({len(protocol.seeds) - 1} degrees of freedom), (b) by TOST within ±{protocol.margin:g}; "
+             f"Holm–Bonferroni over the p-values of {ids} at family-wise α = {protocol.alpha:g}. A claim holds only "
+             "if Holm rejects its null, else it is \"not shown\". The permutation p (all sign flips) and the "
+             "leave-one-seed-out ranges are robustness checks beside each claim; they do not decide it.", ""]
+    numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing}
+    variants = [v for v in runs if v in validation]
+    figures = [fig_held_out(validation, protocol, variants, out)] if variants else []
+    if missing:
+        total = len([v for v in protocol.primary if v != "frozen"]) * len(protocol.seeds)
+        lines += [f"**In progress**: {len(missing)} of {total} primary runs are not complete yet "
+                  f"({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The confirmatory table appears "
+                  "when all are; it is never computed on part of the seeds.", ""]
+    else:
+        claims = confirm_held_out_claims(validation, points, list(protocol.seeds), protocol.margin, protocol.alpha,
+                                         protocol.claims, primary_cell)
+        for claim in claims:
+            claim["margin"] = protocol.margin
+        numbers["claims"] = claims
+        lines += [claims_table(claims), ""]
+        secondary = {}
+        for cell in protocol.cells[1:]:
+            rows = confirm_held_out_claims(validation, points, list(protocol.seeds), protocol.margin,
+                                           protocol.alpha, protocol.claims, cell)
+            secondary["/".join(cell)] = rows
+            lines += [f"Secondary, the same comparisons {_cell_name(cell)} (unadjusted p, not in the Holm family):",
+                      "", "| difference | estimate [95% CI] | test | p | permutation p |", "|---|---|---|---|---|"]
+            for c in rows:
+                test = f"TOST ±{protocol.margin:g}" if c["alternative"] == "equivalent" else \
+                    f"one-sided t, H1: {c['alternative']} than 0"
+                lines.append(f"| {c['variant']} − {c['reference']} | {format_interval(c)} | {test} | {_p(c['p'])} "
+                             f"| {_p(c['permutation_p'])} |")
+            lines.append("")
+        numbers["secondary"] = secondary
+    lines += ["## Held-out success per validation point", ""]
+    numbers["success"] = {}
+    for cell in protocol.cells:
+        table, numbers["success"]["/".join(cell)] = held_out_success_table(validation, protocol, variants, cell)
+        lines += [f"Success {_cell_name(cell)}, mean over seeds [95% t-interval]:", "", *table, ""]
+    if protocol.target is not None:
+        table, numbers["to_target"] = steps_to_target(runs, validation, protocol, variants)
+        lines += [f"Steps and actor update time until success {_cell_name(primary_cell)} first reaches "
+                  f"{protocol.target:g} at a validation point (secondary, descriptive):", "", *table, ""]
+    exp_lines, numbers["exploratory"] = exploratory(runs, validation, protocol)
+    lines += ["## Exploratory (not part of the claims)", "",
+              "Training success over other windows, the arms outside the claims and other held-out comparisons: "
+              "95% t-intervals over the seeds each has, no tests, no corrections.", "", *exp_lines, "",
               *[f"![{p.stem}]({p.name})" for p in figures], ""]
     return lines, numbers, figures

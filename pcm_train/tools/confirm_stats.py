@@ -164,31 +164,84 @@ CLAIMS = (("a", "GRPO learns: full beats the frozen policy", "full", "frozen", "
           ("d", "top-phase selection falls behind full", "top_phase", "full", "less"))
 
 
-def confirm_claims(runs, window: tuple[int, int], seeds: list[int], margin: float = 0.05,
-                   alpha: float = 0.05) -> list[dict]:
-    """The four claims on training success, per seed the mean over steps [window[0], window[1]) (0-based
-    rows) of the variant minus the reference; only ``seeds`` (all must be present in both runs, with the
-    window's steps). Each claim: ``evaluate_claim`` fields plus "id", "claim", "variant", "reference",
-    "alternative", "holm" (``holm`` over the four p's) and "decision" ("holds" if Holm rejects its null,
-    else "not shown"). Raises ValueError when a required run is missing: a confirmatory test is never run
-    on fewer seeds than fixed."""
-    start, stop = window
+def decide_claims(per_seed: dict[str, dict[int, float]], seeds: list[int], margin: float = 0.05,
+                  alpha: float = 0.05) -> list[dict]:
+    """Tests the claims in ``per_seed`` (``{claim id: {seed: value}}``, ids from ``CLAIMS``, in their order):
+    each gets ``evaluate_claim`` fields plus "id", "claim", "variant", "reference", "alternative", "holm"
+    (``holm`` over the claims' p's) and "decision" ("holds" if Holm rejects its null, else "not shown").
+    Raises ValueError when a claim lacks one of ``seeds``: a confirmatory test never runs on fewer seeds
+    than fixed."""
     out, pvalues = [], {}
     for key, text, variant, reference, alternative in CLAIMS:
-        d = paired_difference(runs, variant, reference, stop, start)
-        missing = sorted(set(seeds) - set(d["per_seed"]))
+        if key not in per_seed:
+            continue
+        missing = sorted(set(seeds) - set(per_seed[key]))
         if missing:
-            raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run "
-                             f"of {stop} steps in both")
-        result = evaluate_claim({s: d["per_seed"][s] for s in seeds}, alternative, margin)
+            raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run in both")
+        result = evaluate_claim({s: per_seed[key][s] for s in seeds}, alternative, margin)
         out.append({"id": key, "claim": text.replace("margin", f"{margin:g}"), "variant": variant,
-                    "reference": reference, "alternative": alternative, "steps": [start, stop], **result})
+                    "reference": reference, "alternative": alternative, **result})
         pvalues[key] = result["p"]
     decisions = holm(pvalues, alpha)
     for claim in out:
         claim["holm"] = decisions[claim["id"]]
         claim["decision"] = "holds" if claim["holm"]["reject"] else "not shown"
     return out
+
+
+def confirm_claims(runs, window: tuple[int, int], seeds: list[int], margin: float = 0.05,
+                   alpha: float = 0.05, claims: tuple[str, ...] = ("a", "b", "c", "d")) -> list[dict]:
+    """The ``claims`` on training success: per seed the mean over steps [window[0], window[1]) (0-based
+    rows) of the variant minus the reference (``decide_claims``; each claim also has "steps"). Raises
+    ValueError when a run lacks the window's steps for one of ``seeds``."""
+    start, stop = window
+    per_seed = {}
+    for key, _, variant, reference, _ in CLAIMS:
+        if key in claims:
+            per_seed[key] = paired_difference(runs, variant, reference, stop, start)["per_seed"]
+            missing = sorted(set(seeds) - set(per_seed[key]))
+            if missing:
+                raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run "
+                                 f"of {stop} steps in both")
+    return [dict(c, steps=[start, stop]) for c in decide_claims(per_seed, seeds, margin, alpha)]
+
+
+def held_out_endpoint(validation, variant: str, reference: str, points: tuple[int, ...],
+                      cell: tuple[str, str] = ("held_out", "greedy")) -> dict[int, float]:
+    """Per seed: the mean over validation ``points`` (trained steps) of ``variant``'s success minus
+    ``reference``'s, paired per episode (same task, placement and sampling stream) within the seed, on prompt
+    set and decoder ``cell``. ``reference`` ``"frozen"`` is the start: the variant's own validation before
+    training (trained steps 0), the same episodes at every point. Seeds lacking any point in either run are
+    left out; ValueError if a seed's two runs scored different episodes at a point."""
+    if not points:
+        raise ValueError("points must name at least one validation point (trained steps)")
+    a = validation.get(variant, {})
+    b = a if reference == "frozen" else validation.get(reference, {})
+    out = {}
+    for seed in sorted(set(a) & set(b)):
+        differences = []
+        for t in points:
+            x = validation_outcomes(a[seed], t, cell)
+            y = validation_outcomes(b[seed], 0 if reference == "frozen" else t, cell)
+            if not x or not y:
+                break
+            if set(x) != set(y):
+                raise ValueError(f"seed {seed}: {variant} and {reference} were validated on different episodes "
+                                 f"after {t} steps")
+            differences.append(np.mean([x[k] - y[k] for k in sorted(x)]))
+        else:
+            out[seed] = float(np.mean(differences))
+    return out
+
+
+def confirm_held_out_claims(validation, points: tuple[int, ...], seeds: list[int], margin: float = 0.05,
+                            alpha: float = 0.05, claims: tuple[str, ...] = ("a", "b", "c"),
+                            cell: tuple[str, str] = ("held_out", "greedy")) -> list[dict]:
+    """The ``claims`` on held-out success (``held_out_endpoint`` over ``points`` in ``cell``), tested by
+    ``decide_claims``; each claim also has "points" and "cell"."""
+    per_seed = {key: held_out_endpoint(validation, variant, reference, points, cell)
+                for key, _, variant, reference, _ in CLAIMS if key in claims}
+    return [dict(c, points=list(points), cell=list(cell)) for c in decide_claims(per_seed, seeds, margin, alpha)]
 
 
 def validation_outcomes(rows: list[dict], trained_steps: int, cell: tuple[str, str] = ("held_out", "greedy"),

@@ -1,6 +1,6 @@
 """The strategy study: full GRPO vs PCM and its ablations from one SFT policy, over seeds.
 
-    python -m pcm_train.study [suite=libero_object|metaworld|metaworld_confirm] [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]]
+    python -m pcm_train.study [suite=libero_object|metaworld|metaworld_confirm|metaworld_deploy] [init=SFT_DIR] [seeds=[0,1]] [variants=[full,pcm]]
                               [runs=DIR] [out=DIR] [preset=NAME] [target=0.75] [smooth=5] [report_only=true]
                               [key=value ...]
 
@@ -23,9 +23,10 @@ retraining: ``python -m pcm_train.evaluate runs=RUNS out=DIR decoders=[...] sets
 every finished run's kept policies and summarizes them over seeds, paired against the start and
 against ``full``.
 
-A suite with a pre-registered protocol (``PROTOCOLS``: ``metaworld_confirm``) adds its settings
-(``SUITE_SETTINGS``), runs its seeds and variants by default, archives each run's ``validation.jsonl``
-too, and its page reports the protocol's tests (``confirm_report``) instead of the interval-rule claims.
+A suite with a pre-registered protocol (``PROTOCOLS``: ``metaworld_confirm`` on training success,
+``metaworld_deploy`` on held-out success) adds its settings (``SUITE_SETTINGS``), runs its seeds and variants
+by default, archives each run's ``validation.jsonl`` too, and its page reports the protocol's tests
+(``confirm_report``) instead of the interval-rule claims.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ SUITE_DEFAULTS: dict[str, dict[str, str]] = {
     # the pre-registered confirmation of the MetaWorld claims (docs/results/metaworld_confirm/README.md)
     "metaworld_confirm": {"preset": "study_metaworld", "init": "docs/results/metaworld/init_policy",
                           "out": "docs/results/metaworld_confirm", "runs": "study_runs/metaworld_confirm"},
+    # the pre-registered confirmation on deployed success (docs/results/metaworld_deploy/README.md)
+    "metaworld_deploy": {"preset": "study_metaworld", "init": "docs/results/metaworld_fewdemo/init_policy",
+                         "out": "docs/results/metaworld_deploy", "runs": "study_runs/metaworld_deploy"},
 }
 
 # Per suite, trainer settings on top of its preset that every run shares (before the study's own overrides).
@@ -63,6 +67,12 @@ SUITE_SETTINGS: dict[str, tuple[str, ...]] = {
     # held-out placements (50 per task, never drawn for training), each episode's outcome in validation.jsonl
     "metaworld_confirm": ("trainer.total_steps=80", "trainer.val_every=40", "trainer.val_episodes=200",
                           "trainer.val_sets=[held_out]"),
+    # study_metaworld except: 8 prompts x 8 rollouts per step in PPO mini-batches of 2 prompts (4 optimizer
+    # steps per step, as the preset), rollouts sampled at T = 1.0, 80 steps; validation before training and
+    # every 10 steps on the 200 held-out placements, greedy and sampled at T = 1.0
+    "metaworld_deploy": ("rollout.prompts_per_step=8", "actor.ppo_mini_batch=2", "actor.temperature=1.0",
+                         "trainer.total_steps=80", "trainer.val_every=10", "trainer.val_episodes=200",
+                         "trainer.val_sets=[held_out]", "trainer.val_decoders=[greedy,sample@1.0]"),
 }
 
 # One entry per compared selection rule: the overrides that define it (PCM.md §5-6).
@@ -84,11 +94,18 @@ PROTOCOLS: dict[str, Protocol] = {
     "metaworld_confirm": Protocol(primary=("full", "frozen", "pcm", "random", "top_phase"), seeds=tuple(range(10)),
                                   window=(40, 80), validation_steps=(40, 80), margin=0.05, alpha=0.05,
                                   exploratory_windows=((0, 80), (20, 40))),
+    # held-out greedy success over the second half's validation points; frozen = each run's start
+    "metaworld_deploy": Protocol(primary=("full", "pcm", "random"), seeds=tuple(range(200, 212)), window=(0, 80),
+                                 validation_steps=tuple(range(0, 81, 10)), margin=0.05, alpha=0.05,
+                                 exploratory_windows=((40, 80),), endpoint="held_out", claims=("a", "b", "c"),
+                                 points=(50, 60, 70, 80), cells=(("held_out", "greedy"), ("held_out", "sample@1.0")),
+                                 target=0.5),
 }
 SUITE_VARIANTS: dict[str, tuple[str, ...]] = {
     "libero_object": ("full", "pcm", "random", "top_phase", "pcm_b8", "pcm_b16", "frozen"),
     "metaworld": ("full", "pcm", "random", "top_phase", "pcm_b8", "pcm_b16", "frozen"),
     "metaworld_confirm": ("full", "frozen", "pcm", "random", "top_phase", "pcm_unbiased"),
+    "metaworld_deploy": ("full", "pcm", "random"),
 }
 
 @dataclass

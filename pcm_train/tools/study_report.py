@@ -383,8 +383,8 @@ def page(summary: dict, facts: dict, target: float, smooth: int, horizon: int, f
         f"- Study options: `{json.dumps(facts['study'])}`",
         "- Settings shared by every run: " + " ".join(f"`{s}`" for s in facts["settings"]),
         "- Variants: " + "; ".join(f"{k}: " + " ".join(f"`{o}`" for o in v) for k, v in facts["variants"].items()),
-        "- Everything else is the trainer's default (PCM.md §7): clip (0.2, 0.4), temperature 1.6, "
-        "grad-clip 2.0, T_rc = 5, p_min = 0.1. Each run's full config is its `config.json`.",
+        "- Settings not listed are the trainer's defaults (PCM.md §7: clip (0.2, 0.4), temperature 1.6, "
+        "grad-clip 2.0, T_rc = 5, p_min = 0.1). Each run's full config is its `config.json`.",
         ""])
 
 
