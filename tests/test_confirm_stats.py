@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from pcm_train.tools import confirm_stats as cs
+from pcm_train.tools import confirm_report
 from pcm_train.tools.confirm_report import Protocol, confirm_section
 from pcm_train.tools.study_stats import t_interval
 
@@ -205,16 +206,16 @@ DEPLOY_STEPS = tuple(range(0, 81, 10))
 CELLS = (("held_out", "greedy"), ("held_out", "sample@1.0"))
 
 
-def _held_out_validation(gains: dict[str, float], seeds=range(10), episodes=200, start=0.35, seed=8):
+def _held_out_validation(gains: dict[str, float], seeds=range(10), episodes=200, start=0.35, seed=8, run_sd=0.02):
     """Validation rows per variant and seed in both cells: every run's start is the seed's same outcomes
-    (one start policy); after training, each episode succeeds with probability start + gain, a per-seed
-    run effect of SD 0.02 added."""
+    (one start policy); after training, each episode succeeds with probability start + gain, a per-run
+    effect of SD ``run_sd`` added."""
     rng = np.random.default_rng(seed)
     validation = {v: {} for v in gains}
     for s in seeds:
         first = {cell: rng.random(episodes) < start for cell in CELLS}
         for v, gain in gains.items():
-            run_effect = rng.normal(0, 0.02)
+            run_effect = rng.normal(0, run_sd)
             rows = []
             for t in DEPLOY_STEPS:
                 for set_name, decoder in CELLS:
@@ -291,3 +292,56 @@ def test_held_out_section_waits_for_every_run_then_reports_the_protocol(tmp_path
     with pytest.raises(ValueError, match="points"):
         Protocol(primary=("full",), seeds=(0, 1), window=(0, 80), validation_steps=DEPLOY_STEPS, endpoint="held_out",
                  points=(0,))
+
+
+def test_sd_for_tost_power_is_the_boundary_of_seeds_for_tost_power():
+    for seeds in (6, 11):
+        sd = cs.sd_for_tost_power(seeds, 0.05)
+        assert cs.tost_power(sd, seeds, 0.05) >= 0.8 > cs.tost_power(sd * 1.01, seeds, 0.05)
+        assert cs.seeds_for_tost_power(sd, 0.05) <= seeds < cs.seeds_for_tost_power(sd * 1.01, 0.05) + 1
+    assert cs.tost_power(0.0005, 8, 0.05) == pytest.approx(1.0)  # a tiny SD: the integral still finds the peak
+
+
+def test_internal_pilot_seeds_clamps_the_power_count():
+    assert cs.internal_pilot_seeds(0.01, 10, 20, 0.05) == 10  # enough at once: never fewer than the first
+    assert cs.internal_pilot_seeds(0.06, 10, 20, 0.05) == cs.seeds_for_tost_power(0.06, 0.05)
+    assert cs.internal_pilot_seeds(0.5, 10, 20, 0.05) == 20  # never more than the most
+    with pytest.raises(ValueError, match="first <= most"):
+        cs.internal_pilot_seeds(0.05, 12, 10, 0.05)
+
+
+def test_internal_pilot_tost_matches_fixed_tost_when_the_count_cannot_move():
+    # first == most: a plain TOST over that many seeds, so the simulation must match tost_power and alpha
+    inside = cs.internal_pilot_tost(0.05, 12, 12, 0.05, draws=4000, seed=1)
+    assert inside["mean_seeds"] == 12 and inside["seeds_quantiles"] == [12, 12, 12]
+    assert inside["pass_rate"] == pytest.approx(cs.tost_power(0.05, 12, 0.05), abs=0.025)
+    boundary = cs.internal_pilot_tost(0.05, 12, 12, 0.05, true_difference=0.05, draws=4000, seed=2)
+    assert boundary["pass_rate"] == pytest.approx(0.05, abs=0.015)
+    # a free count adds seeds when the first ones spread widely, and gains power over the first count alone
+    adaptive = cs.internal_pilot_tost(0.06, 8, 20, 0.05, draws=2000, seed=3)
+    assert adaptive["mean_seeds"] > 8 and adaptive["pass_rate"] > cs.tost_power(0.06, 8, 0.05) + 0.1
+
+
+def test_internal_pilot_protocol_sets_its_seed_count_from_the_first_seeds_sd(tmp_path):
+    protocol = Protocol(primary=("full", "pcm", "random"), seeds=tuple(range(20)), first_seeds=10, window=(0, 80),
+                        validation_steps=DEPLOY_STEPS, endpoint="held_out", claims=("a", "b", "c"),
+                        points=(50, 60, 70, 80), cells=CELLS)
+    validation = _held_out_validation({"full": 0.2, "pcm": 0.2, "random": 0.1}, seeds=range(20), run_sd=0.04)
+    runs = {v: {s: [{"step": i, "success_rate": 0.5} for i in range(80)] for s in range(20)} for v in validation}
+    first = {v: {s: r for s, r in seeds.items() if s < 10} for v, seeds in validation.items()}
+    first["pcm"].pop(9)
+    seeds, rule = confirm_report.protocol_seeds(runs, first, protocol)
+    assert seeds is None and rule["seeds"] is None  # the first ten are not all complete yet
+    lines, numbers, _ = confirm_section(runs, first, protocol, tmp_path)
+    assert numbers["missing_runs"] == ["pcm seed9"] and "of the first seeds" in "\n".join(lines)
+    seeds, rule = confirm_report.protocol_seeds(runs, validation, protocol)
+    per_seed = cs.held_out_endpoint(validation, "pcm", "full", protocol.points)
+    sd = np.std([per_seed[s] for s in range(10)], ddof=1)
+    assert rule["sd"] == pytest.approx(sd)
+    assert seeds == list(range(cs.internal_pilot_seeds(sd, 10, 20, 0.05))) and 10 < len(seeds) < 20
+    # the test runs on exactly those seeds, once all of them are complete
+    lines, numbers, _ = confirm_section(runs, validation, protocol, tmp_path)
+    assert all(c["seeds"] == len(seeds) for c in numbers["claims"]) and f"N = {len(seeds)}" in "\n".join(lines)
+    with pytest.raises(ValueError, match="first_seeds"):
+        Protocol(primary=("full",), seeds=(0, 1), window=(0, 80), first_seeds=3, validation_steps=DEPLOY_STEPS,
+                 endpoint="held_out", points=(80,))

@@ -181,7 +181,8 @@ def test_deploy_suite_is_the_fewdemo_metaworld_study_with_the_pilots_batch_and_h
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     options, extra = study.parse_args(["suite=metaworld_deploy"])
     protocol = study.PROTOCOLS["metaworld_deploy"]
-    assert options.seeds == list(protocol.seeds) and min(options.seeds) >= 100  # never the replication seeds 20-99
+    assert options.seeds_from_protocol and options.seeds == list(range(200, 210)) == list(protocol.seeds[:10])
+    assert min(protocol.seeds) >= 100  # never the replication seeds 20-99
     assert options.init == "docs/results/metaworld_fewdemo/init_policy" and options.variants == ["full", "pcm", "random"]
     deploy = load_config(study.run_overrides(options, "pcm", 200, extra))
     pilot, _ = study.parse_args(["suite=metaworld", "init=docs/results/metaworld_fewdemo/init_policy"])
@@ -195,6 +196,30 @@ def test_deploy_suite_is_the_fewdemo_metaworld_study_with_the_pilots_batch_and_h
     assert deploy.trainer.val_decoders == ["greedy", "sample@1.0"] and deploy.trainer.val_sets == ["held_out"]
     assert protocol.endpoint == "held_out" and set(protocol.points) <= set(range(41, 81))  # the second half
     assert study.run_order(options)[:3] == [(options.seeds[0], v) for v in ("full", "pcm", "random")]
+
+
+def test_internal_pilot_study_runs_the_first_seeds_then_the_count_they_set(tmp_path, monkeypatch):
+    from pcm_train.tools.confirm_report import Protocol
+    protocol = Protocol(primary=("full", "pcm"), seeds=(0, 1, 2, 3), first_seeds=2, window=(0, 2), validation_steps=(0, 2),
+                        endpoint="held_out", claims=("a", "b"), points=(2,))
+    monkeypatch.setitem(study.PROTOCOLS, "metaworld", protocol)
+    counts = []
+
+    def count(options):  # the rule itself is tested in test_confirm_stats; here: what the study does with it
+        counts.append(sorted(options.seeds))
+        return 3
+
+    monkeypatch.setattr(study, "protocol_seed_count", count)
+    options, extra = _study(tmp_path, "suite=metaworld", "variants=[full,pcm]")
+    assert options.seeds == [0, 1] and options.seeds_from_protocol
+    study.run_study(options, extra, fake_pool_factory(close_steps=6, state_dim=39))
+    assert counts == [[0, 1]]
+    for variant in ("full", "pcm"):
+        assert sorted(p.name for p in (tmp_path / "runs" / variant).iterdir()) == ["seed0", "seed1", "seed2"]
+    page = json.loads((tmp_path / "results/study.json").read_text())["confirmatory"]
+    assert page["seed_rule"]["rule"] == "internal pilot" and page["seed_rule"]["seeds"] is not None
+    given, extra = _study(tmp_path, "suite=metaworld", "variants=[full]", "seeds=[3]")
+    assert given.seeds == [3] and not given.seeds_from_protocol  # seeds named on the command line are kept
 
 
 def test_report_only_needs_runs(tmp_path):

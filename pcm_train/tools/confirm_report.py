@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pcm_train.tools.confirm_stats import (CLAIMS, confirm_claims, confirm_held_out_claims,  # noqa: E402
-                                           validation_difference, validation_outcomes, validation_success)
+                                           held_out_endpoint, internal_pilot_seeds, validation_difference,
+                                           validation_outcomes, validation_success)
 from pcm_train.tools.report import save_figure  # noqa: E402
 from pcm_train.tools.study_stats import format_interval, paired_difference, t_band  # noqa: E402
 from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics  # noqa: E402
@@ -45,6 +46,10 @@ class Protocol:
     points: tuple[int, ...] = ()  # held_out: the validation points (trained steps) the endpoint averages
     cells: tuple[tuple[str, str], ...] = (("held_out", "greedy"),)  # held_out: (set, decoder), primary first
     target: float | None = None  # held_out: success that counts as reached (steps and time to it, secondary)
+    # internal pilot: with first_seeds set, ``seeds`` is the most that may run; once the first ``first_seeds``
+    # are complete, the SD of claim (b)'s per-seed values over them sets the count (``protocol_seeds``)
+    first_seeds: int | None = None
+    power: float = 0.8  # the power claim (b) is planned for, at a true difference of 0
 
     def __post_init__(self):
         if self.endpoint not in ("training", "held_out"):
@@ -52,6 +57,11 @@ class Protocol:
         if self.endpoint == "held_out" and not (self.points and set(self.points) <= set(self.validation_steps) - {0}):
             raise ValueError(f"points {self.points} must be validation steps after training, "
                              f"from {self.validation_steps}")
+        if self.first_seeds is not None and not (2 <= self.first_seeds <= len(self.seeds)
+                                                 and self.endpoint == "held_out" and "b" in self.claims
+                                                 and {"pcm", "full"} <= set(self.primary)):
+            raise ValueError(f"first_seeds must lie in [2, {len(self.seeds)}] with a held-out claim (b) between "
+                             f"primary variants pcm and full, got {self.first_seeds} and {self.primary}")
 
 
 def collect_validation(root: Path, runs) -> dict[str, dict[int, list[dict]]]:
@@ -65,17 +75,39 @@ def collect_validation(root: Path, runs) -> dict[str, dict[int, list[dict]]]:
     return out
 
 
-def primary_complete(runs, protocol: Protocol, validation=None) -> list[str]:
+def protocol_seeds(runs, validation, protocol: Protocol) -> tuple[list[int] | None, dict]:
+    """The seeds the confirmatory tests use, and how they were set. Fixed seeds: all of ``seeds``. Internal
+    pilot: None until the first ``first_seeds`` seeds' primary runs are complete, then the first N, N from
+    ``internal_pilot_seeds`` at the SD of claim (b)'s per-seed values over those seeds (only the SD is
+    used; no test is computed on them). Facts: {"rule", "first_seeds", "most_seeds", "sd", "seeds"}."""
+    if protocol.first_seeds is None:
+        return list(protocol.seeds), {"rule": "fixed", "seeds": len(protocol.seeds)}
+    first = list(protocol.seeds[:protocol.first_seeds])
+    facts = {"rule": "internal pilot", "first_seeds": protocol.first_seeds, "most_seeds": len(protocol.seeds),
+             "sd": None, "seeds": None}
+    if primary_complete(runs, protocol, validation, first):
+        return None, facts
+    _, _, variant, reference, _ = next(c for c in CLAIMS if c[0] == "b")
+    per_seed = held_out_endpoint(validation, variant, reference, protocol.points, protocol.cells[0])
+    facts["sd"] = float(np.std([per_seed[s] for s in first], ddof=1))
+    facts["seeds"] = internal_pilot_seeds(facts["sd"], protocol.first_seeds, len(protocol.seeds), protocol.margin,
+                                          protocol.power, protocol.alpha)
+    return list(protocol.seeds[:facts["seeds"]]), facts
+
+
+def primary_complete(runs, protocol: Protocol, validation=None, seeds=None) -> list[str]:
     """The (variant, seed) runs the confirmatory test still lacks ("variant seedK"): each needs ``window[1]``
     steps, and for a held-out endpoint its validation before training and at every point in every cell
-    (``frozen`` is then no run of its own: it is each run's validation before training)."""
+    (``frozen`` is then no run of its own: it is each run's validation before training). ``seeds``: those
+    to check, by default the protocol's."""
+    seeds = protocol.seeds if seeds is None else seeds
     if protocol.endpoint == "training":
-        return [f"{v} seed{s}" for v in protocol.primary for s in protocol.seeds
+        return [f"{v} seed{s}" for v in protocol.primary for s in seeds
                 if len(runs.get(v, {}).get(s, [])) < protocol.window[1]]
     validation = validation or {}
     missing = []
     for v in (v for v in protocol.primary if v != "frozen"):
-        for s in protocol.seeds:
+        for s in seeds:
             rows = validation.get(v, {}).get(s, [])
             validated = all(validation_outcomes(rows, t, cell) for t in (0, *protocol.points) for cell in protocol.cells)
             if len(runs.get(v, {}).get(s, [])) < protocol.window[1] or not validated:
@@ -309,27 +341,38 @@ def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[l
     comparisons on the other cells (secondary), success per validation point, steps to ``target``, and the
     exploratory training-success windows."""
     primary_cell, points = protocol.cells[0], protocol.points
-    missing = primary_complete(runs, protocol, validation)
+    seeds, seed_rule = protocol_seeds(runs, validation, protocol)
+    missing = primary_complete(runs, protocol, validation, seeds or protocol.seeds[:protocol.first_seeds])
     ids = ", ".join(f"({c[0]})" for c in CLAIMS if c[0] in protocol.claims)
+    if seed_rule["rule"] == "fixed":
+        seed_text = f"Seeds {list(protocol.seeds)}."
+    else:
+        seed_text = (f"Seeds {protocol.seeds[0]}, {protocol.seeds[1]}, … in order: the first {protocol.first_seeds}, "
+                     f"then as many as TOST needs for {protocol.power:.0%} power at the SD of (b)'s per-seed values "
+                     f"over those, at most {len(protocol.seeds)} (internal pilot). ")
+        seed_text += ("That count is set once the first seeds are complete." if seeds is None else
+                      f"SD over the first {protocol.first_seeds}: {seed_rule['sd']:.4f}, so N = {len(seeds)}: "
+                      f"seeds {seeds}.")
     lines = ["## Confirmatory analysis (fixed before the runs)", "",
              f"Primary endpoint: per seed, success {_cell_name(primary_cell)}, averaged over the validation points "
              f"after {', '.join(str(t) for t in points)} steps, of one variant minus another, paired per episode "
-             "within the seed; `frozen` is the seed's validation before training. Seeds "
-             f"{list(protocol.seeds)}. One-sided Student-t tests over the {len(protocol.seeds)} per-seed values "
-             f"({len(protocol.seeds) - 1} degrees of freedom), (b) by TOST within ±{protocol.margin:g}; "
+             f"within the seed; `frozen` is the seed's validation before training. {seed_text} One-sided "
+             "Student-t tests over the per-seed values (N − 1 degrees of freedom), (b) by TOST within "
+             f"±{protocol.margin:g}; "
              f"Holm–Bonferroni over the p-values of {ids} at family-wise α = {protocol.alpha:g}. A claim holds only "
              "if Holm rejects its null, else it is \"not shown\". The permutation p (all sign flips) and the "
              "leave-one-seed-out ranges are robustness checks beside each claim; they do not decide it.", ""]
-    numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing}
+    numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing, "seed_rule": seed_rule}
     variants = [v for v in runs if v in validation]
     figures = [fig_held_out(validation, protocol, variants, out)] if variants else []
     if missing:
-        total = len([v for v in protocol.primary if v != "frozen"]) * len(protocol.seeds)
-        lines += [f"**In progress**: {len(missing)} of {total} primary runs are not complete yet "
+        total = len([v for v in protocol.primary if v != "frozen"]) * len(seeds or protocol.seeds[:protocol.first_seeds])
+        lines += [f"**In progress**: {len(missing)} of {total} primary runs "
+                  f"{'' if seeds else 'of the first seeds '}are not complete yet "
                   f"({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The confirmatory table appears "
                   "when all are; it is never computed on part of the seeds.", ""]
     else:
-        claims = confirm_held_out_claims(validation, points, list(protocol.seeds), protocol.margin, protocol.alpha,
+        claims = confirm_held_out_claims(validation, points, seeds, protocol.margin, protocol.alpha,
                                          protocol.claims, primary_cell)
         for claim in claims:
             claim["margin"] = protocol.margin
@@ -337,8 +380,8 @@ def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[l
         lines += [claims_table(claims), ""]
         secondary = {}
         for cell in protocol.cells[1:]:
-            rows = confirm_held_out_claims(validation, points, list(protocol.seeds), protocol.margin,
-                                           protocol.alpha, protocol.claims, cell)
+            rows = confirm_held_out_claims(validation, points, seeds, protocol.margin, protocol.alpha,
+                                           protocol.claims, cell)
             secondary["/".join(cell)] = rows
             lines += [f"Secondary, the same comparisons {_cell_name(cell)} (unadjusted p, not in the Holm family):",
                       "", "| difference | estimate [95% CI] | test | p | permutation p |", "|---|---|---|---|---|"]

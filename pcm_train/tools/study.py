@@ -42,7 +42,7 @@ from typing import Optional
 from pcm_train.cli import run_command
 from pcm_train.tools import study_report
 from pcm_train.config import ConfigError, apply_overrides, load_config, preset_overrides
-from pcm_train.tools.confirm_report import Protocol
+from pcm_train.tools.confirm_report import Protocol, collect_validation, protocol_seeds
 from pcm_train.training.metrics_log import VALIDATION_FILE, read_metrics
 
 # Per suite: the trainer preset every run shares, the committed SFT starting point, where the page goes and
@@ -95,7 +95,8 @@ PROTOCOLS: dict[str, Protocol] = {
                                   window=(40, 80), validation_steps=(40, 80), margin=0.05, alpha=0.05,
                                   exploratory_windows=((0, 80), (20, 40))),
     # held-out greedy success over the second half's validation points; frozen = each run's start
-    "metaworld_deploy": Protocol(primary=("full", "pcm", "random"), seeds=tuple(range(200, 212)), window=(0, 80),
+    "metaworld_deploy": Protocol(primary=("full", "pcm", "random"), seeds=tuple(range(200, 220)), first_seeds=10,
+                                 window=(0, 80),
                                  validation_steps=tuple(range(0, 81, 10)), margin=0.05, alpha=0.05,
                                  exploratory_windows=((40, 80),), endpoint="held_out", claims=("a", "b", "c"),
                                  points=(50, 60, 70, 80), cells=(("held_out", "greedy"), ("held_out", "sample@1.0")),
@@ -123,6 +124,7 @@ class StudyConfig:
     target: float = 0.75  # success rate that counts as reached (Table 1)
     smooth: int = 5  # training success is averaged over this many steps before the target test
     report_only: bool = False
+    seeds_from_protocol = False  # set by validate: the seeds follow the protocol's internal-pilot rule
 
     def validate(self) -> None:
         if self.suite not in SUITE_DEFAULTS:
@@ -131,8 +133,9 @@ class StudyConfig:
             if getattr(self, key) in (None, "default") and (key != "init" or self.init == "default"):
                 setattr(self, key, value)
         protocol = PROTOCOLS.get(self.suite)
-        if self.seeds is None:
-            self.seeds = list(protocol.seeds) if protocol else [0]
+        if self.seeds is None:  # an internal pilot's first seeds; run_study adds the rest once they are done
+            self.seeds = list(protocol.seeds[:protocol.first_seeds]) if protocol else [0]
+            self.seeds_from_protocol = protocol is not None and protocol.first_seeds is not None
         if self.variants is None:
             self.variants = list(SUITE_VARIANTS[self.suite])
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -249,9 +252,30 @@ def run_order(study: StudyConfig) -> list[tuple[int, str]]:
 
 
 def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[Path]:
-    """Trains every missing (seed, variant) run, rewriting the page after each; returns its files."""
+    """Trains every missing (seed, variant) run, rewriting the page after each; returns its files. Under
+    an internal-pilot protocol the first seeds run first; once they are complete, the count they set."""
     if pool_factory is None:
         from pcm_train.training.trainer import make_env_pool as pool_factory
+    train_missing(study, extra, pool_factory)
+    if study.seeds_from_protocol:
+        count = protocol_seed_count(study)
+        if count is not None and count > len(study.seeds):
+            study.seeds = list(PROTOCOLS[study.suite].seeds[:count])
+            train_missing(study, extra, pool_factory)
+    return write_page(study, extra)
+
+
+def protocol_seed_count(study: StudyConfig) -> int | None:
+    """The internal-pilot seed count from the archived runs (None until the first seeds are complete)."""
+    archive_runs(study)
+    runs = study_report.collect_runs(Path(study.out) / "runs", list(VARIANTS))
+    validation = collect_validation(Path(study.out) / "runs", runs)
+    seeds, _ = protocol_seeds(runs, validation, PROTOCOLS[study.suite])
+    return None if seeds is None else len(seeds)
+
+
+def train_missing(study: StudyConfig, extra: list[str], pool_factory) -> None:
+    """Trains every missing (seed, variant) run of ``study.seeds``, rewriting the page after each."""
     for seed, variant in run_order(study):
         overrides = run_overrides(study, variant, seed, extra)
         total = load_config(overrides).trainer.total_steps  # a bad override fails before any training
@@ -264,7 +288,6 @@ def run_study(study: StudyConfig, extra: list[str], pool_factory=None) -> list[P
         write_page(study, extra)
         if not finished:
             raise KeyboardInterrupt
-    return write_page(study, extra)
 
 
 def write_page(study: StudyConfig, extra: list[str]) -> list[Path]:
