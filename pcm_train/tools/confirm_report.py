@@ -1,8 +1,9 @@
 """The confirmatory section of a pre-registered study page: the protocol's tests, the held-out validation
 paired per episode, and what is exploratory.
 
-``Protocol`` fixes what is tested before any run (window, seeds, margin, α, validation points); the page
-shows the confirmatory table only when every run it needs is complete, never on part of the seeds.
+``Protocol`` fixes what is tested before any run (the endpoint: training success over a window, or held-out
+success over validation points; the claims, seeds or an internal-pilot seed rule, margin, α); the page shows
+the confirmatory table only when every run it needs is complete, never on part of the seeds.
 Numbers come from ``confirm_stats``; runs are ``{variant: {seed: metrics rows}}`` and validation
 ``{variant: {seed: validation.jsonl rows}}``.
 """
