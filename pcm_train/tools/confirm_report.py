@@ -229,6 +229,26 @@ def fig_confirm(runs, protocol: Protocol, out: Path) -> Path:
     return save_figure(fig, out / "confirm_curves.png", dpi=100)
 
 
+_DECISION_RULE = ("A claim holds only if Holm rejects its null, else it is \"not shown\". The permutation p (all sign "
+                  "flips) and the leave-one-seed-out ranges are robustness checks beside each claim; they do not "
+                  "decide it.")
+
+
+def _in_progress(missing: list[str], total: int, of: str = "") -> list[str]:
+    """The line a confirmatory section shows instead of its table while runs are missing."""
+    return [f"**In progress**: {len(missing)} of {total} primary runs {of}are not complete yet "
+            f"({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The confirmatory table appears when all "
+            "are; it is never computed on part of the seeds.", ""]
+
+
+def _exploratory_block(runs, validation, protocol: Protocol, figures: list[Path], what: str) -> tuple[list[str], dict]:
+    """The exploratory heading, ``what`` it covers, its tables (``exploratory``) and the section's figures."""
+    exp_lines, numbers = exploratory(runs, validation, protocol)
+    return ["## Exploratory (not part of the claims)", "",
+            f"{what}: 95% t-intervals over the seeds each has, no tests, no corrections.", "", *exp_lines, "",
+            *[f"![{p.stem}]({p.name})" for p in figures], ""], numbers
+
+
 def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[list[str], dict, list[Path]]:
     """Markdown lines, JSON-ready numbers and figures of the confirmatory section."""
     if protocol.endpoint == "held_out":
@@ -240,15 +260,11 @@ def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[li
              f"success between two variants trained on the same prompts; seeds {list(protocol.seeds)}. One-sided "
              f"Student-t tests over the {len(protocol.seeds)} per-seed values ({len(protocol.seeds) - 1} degrees of "
              f"freedom), (b) by TOST within ±{protocol.margin:g}; Holm–Bonferroni over the four p-values at "
-             f"family-wise α = {protocol.alpha:g}. A claim holds only if Holm rejects its null, else it is "
-             "\"not shown\". The permutation p (all sign flips) and the leave-one-seed-out ranges are robustness "
-             "checks beside each claim; they do not decide it.", ""]
+             f"family-wise α = {protocol.alpha:g}. {_DECISION_RULE}", ""]
     numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing}
     figures = [fig_confirm(runs, protocol, out)] if runs else []
     if missing:
-        lines += [f"**In progress**: {len(missing)} of {len(protocol.primary) * len(protocol.seeds)} primary runs "
-                  f"are not complete yet ({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The "
-                  "confirmatory table appears when all are; it is never computed on part of the seeds.", ""]
+        lines += _in_progress(missing, len(protocol.primary) * len(protocol.seeds))
     else:
         claims = confirm_claims(runs, protocol.window, list(protocol.seeds), protocol.margin, protocol.alpha)
         for claim in claims:
@@ -261,12 +277,9 @@ def confirm_section(runs, validation, protocol: Protocol, out: Path) -> tuple[li
               f"Greedy episodes on held-out placements, the same for every variant and seed, after "
               f"{' and '.join(str(t) for t in protocol.validation_steps)} steps; every episode's outcome is in the "
               f"run's `{VALIDATION_FILE}`.", "", *val_lines, ""]
-    exp_lines, numbers["exploratory"] = exploratory(runs, validation, protocol)
-    lines += ["## Exploratory (not part of the claims)", "",
-              "Other windows, the arms outside the claims and other held-out comparisons: 95% t-intervals over the "
-              "seeds each has, no tests, no corrections.", "", *exp_lines, "",
-              *[f"![{p.stem}]({p.name})" for p in figures], ""]
-    return lines, numbers, figures
+    exp_lines, numbers["exploratory"] = _exploratory_block(
+        runs, validation, protocol, figures, "Other windows, the arms outside the claims and other held-out comparisons")
+    return lines + exp_lines, numbers, figures
 
 
 def _cell_name(cell: tuple[str, str]) -> str:
@@ -343,7 +356,8 @@ def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[l
     exploratory training-success windows."""
     primary_cell, points = protocol.cells[0], protocol.points
     seeds, seed_rule = protocol_seeds(runs, validation, protocol)
-    missing = primary_complete(runs, protocol, validation, seeds or protocol.seeds[:protocol.first_seeds])
+    checked = seeds or list(protocol.seeds[:protocol.first_seeds])  # until the count is set: the first seeds
+    missing = primary_complete(runs, protocol, validation, checked)
     ids = ", ".join(f"({c[0]})" for c in CLAIMS if c[0] in protocol.claims)
     if seed_rule["rule"] == "fixed":
         seed_text = f"Seeds {list(protocol.seeds)}."
@@ -360,18 +374,13 @@ def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[l
              f"within the seed; `frozen` is the seed's validation before training. {seed_text} One-sided "
              "Student-t tests over the per-seed values (N − 1 degrees of freedom), (b) by TOST within "
              f"±{protocol.margin:g}; "
-             f"Holm–Bonferroni over the p-values of {ids} at family-wise α = {protocol.alpha:g}. A claim holds only "
-             "if Holm rejects its null, else it is \"not shown\". The permutation p (all sign flips) and the "
-             "leave-one-seed-out ranges are robustness checks beside each claim; they do not decide it.", ""]
+             f"Holm–Bonferroni over the p-values of {ids} at family-wise α = {protocol.alpha:g}. {_DECISION_RULE}", ""]
     numbers: dict = {"protocol": asdict(protocol), "missing_runs": missing, "seed_rule": seed_rule}
     variants = [v for v in runs if v in validation]
     figures = [fig_held_out(validation, protocol, variants, out)] if variants else []
     if missing:
-        total = len([v for v in protocol.primary if v != "frozen"]) * len(seeds or protocol.seeds[:protocol.first_seeds])
-        lines += [f"**In progress**: {len(missing)} of {total} primary runs "
-                  f"{'' if seeds else 'of the first seeds '}are not complete yet "
-                  f"({', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}). The confirmatory table appears "
-                  "when all are; it is never computed on part of the seeds.", ""]
+        total = len([v for v in protocol.primary if v != "frozen"]) * len(checked)
+        lines += _in_progress(missing, total, "" if seeds else "of the first seeds ")
     else:
         claims = confirm_held_out_claims(validation, points, seeds, protocol.margin, protocol.alpha,
                                          protocol.claims, primary_cell)
@@ -402,9 +411,7 @@ def held_out_section(runs, validation, protocol: Protocol, out: Path) -> tuple[l
         table, numbers["to_target"] = steps_to_target(runs, validation, protocol, variants)
         lines += [f"Steps and actor update time until success {_cell_name(primary_cell)} first reaches "
                   f"{protocol.target:g} at a validation point (secondary, descriptive):", "", *table, ""]
-    exp_lines, numbers["exploratory"] = exploratory(runs, validation, protocol)
-    lines += ["## Exploratory (not part of the claims)", "",
-              "Training success over other windows, the arms outside the claims and other held-out comparisons: "
-              "95% t-intervals over the seeds each has, no tests, no corrections.", "", *exp_lines, "",
-              *[f"![{p.stem}]({p.name})" for p in figures], ""]
-    return lines, numbers, figures
+    exp_lines, numbers["exploratory"] = _exploratory_block(
+        runs, validation, protocol, figures,
+        "Training success over other windows, the arms outside the claims and other held-out comparisons")
+    return lines + exp_lines, numbers, figures

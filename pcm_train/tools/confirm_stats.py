@@ -217,19 +217,19 @@ CLAIMS = (("a", "GRPO learns: full beats the frozen policy", "full", "frozen", "
 
 
 def decide_claims(per_seed: dict[str, dict[int, float]], seeds: list[int], margin: float = 0.05,
-                  alpha: float = 0.05) -> list[dict]:
+                  alpha: float = 0.05, complete: str = "a complete run") -> list[dict]:
     """Tests the claims in ``per_seed`` (``{claim id: {seed: value}}``, ids from ``CLAIMS``, in their order):
     each gets ``evaluate_claim`` fields plus "id", "claim", "variant", "reference", "alternative", "holm"
     (``holm`` over the claims' p's) and "decision" ("holds" if Holm rejects its null, else "not shown").
-    Raises ValueError when a claim lacks one of ``seeds``: a confirmatory test never runs on fewer seeds
-    than fixed."""
+    Raises ValueError when a claim lacks one of ``seeds`` (those lacking ``complete`` in both runs): a
+    confirmatory test never runs on fewer seeds than fixed."""
     out, pvalues = [], {}
     for key, text, variant, reference, alternative in CLAIMS:
         if key not in per_seed:
             continue
         missing = sorted(set(seeds) - set(per_seed[key]))
         if missing:
-            raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run in both")
+            raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack {complete} in both")
         result = evaluate_claim({s: per_seed[key][s] for s in seeds}, alternative, margin)
         out.append({"id": key, "claim": text.replace("margin", f"{margin:g}"), "variant": variant,
                     "reference": reference, "alternative": alternative, **result})
@@ -247,15 +247,10 @@ def confirm_claims(runs, window: tuple[int, int], seeds: list[int], margin: floa
     rows) of the variant minus the reference (``decide_claims``; each claim also has "steps"). Raises
     ValueError when a run lacks the window's steps for one of ``seeds``."""
     start, stop = window
-    per_seed = {}
-    for key, _, variant, reference, _ in CLAIMS:
-        if key in claims:
-            per_seed[key] = paired_difference(runs, variant, reference, stop, start)["per_seed"]
-            missing = sorted(set(seeds) - set(per_seed[key]))
-            if missing:
-                raise ValueError(f"claim ({key}) {variant} − {reference}: seeds {missing} lack a complete run "
-                                 f"of {stop} steps in both")
-    return [dict(c, steps=[start, stop]) for c in decide_claims(per_seed, seeds, margin, alpha)]
+    per_seed = {key: paired_difference(runs, variant, reference, stop, start)["per_seed"]
+                for key, _, variant, reference, _ in CLAIMS if key in claims}
+    return [dict(c, steps=[start, stop])
+            for c in decide_claims(per_seed, seeds, margin, alpha, f"a complete run of {stop} steps")]
 
 
 def held_out_endpoint(validation, variant: str, reference: str, points: tuple[int, ...],
